@@ -1,0 +1,126 @@
+"""Command line: ``kimia-curate`` (also ``python -m pipeline``).
+
+Exit codes: 0 success, 1 a verification found problems, 2 the command could not run
+(bad config, missing model, bad input argument): the message says what to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = "configs/local.yaml"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help=f"YAML profile (default: {DEFAULT_CONFIG} if present)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a config value; repeatable (e.g. --set transcribe.beam_size=1)",
+    )
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, str]:
+    from pipeline.config import load_config
+
+    path = args.config
+    if path is None:
+        path = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
+    return load_config(path, args.overrides), str(path or "<defaults>")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.run import format_summary, run
+
+    cfg, path = _load(args)
+    summary = run(cfg, args.input, args.output, address=args.address, config_path=path, progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"output: {Path(args.output).resolve()}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspect_output import inspect_output
+
+    report = inspect_output(Path(args.output), decode_audio=not args.no_decode)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.output}: {report['shards']} shards, {report['samples']} samples, "
+              f"{report.get('recordings', 0)} recordings, {report.get('hours', 0):.4f} h")
+        for f in report["findings"]:
+            print(f"FAIL {f}")
+        print("OK: shards, index and manifest agree" if report["ok"] else f"{len(report['findings'])} finding(s)")
+    return 0 if report["ok"] else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pipeline.models import list_models
+
+    cfg, _ = _load(args)
+    rows = list_models(cfg, verify=args.action == "verify")
+    width = max((len(r["key"]) for r in rows), default=10)
+    bad = 0
+    for r in rows:
+        status = r["status"]
+        bad += status not in ("present", "intact")
+        print(f"{r['key']:<{width}}  {r['ref']:<28}  {status:<8}  {r['detail']}")
+    return 1 if (bad and args.action == "verify") else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kimia-curate",
+        description="Raw speech in, verified training shards out (decode, segment, transcribe, tokenize, write).",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the pipeline")
+    _add_config_args(p)
+    p.add_argument("--input", "-i", required=True, help="folder (recursive), glob, .jsonl manifest or file")
+    p.add_argument("--output", "-o", required=True, help="output directory (re-run to resume)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded Ray)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="verify shards against index and manifest")
+    p.add_argument("output")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-decode", action="store_true", help="skip decoding audio (faster)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("models", help="which weights the enabled stages need, and whether they are here")
+    p.add_argument("action", choices=["list", "verify"])
+    _add_config_args(p)
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from kimia_model.refs import ModelNotFoundError
+    from pipeline.config import ConfigError
+    from pipeline.inputs import InputError
+    from pipeline.run import PreflightError
+
+    try:
+        return int(args.func(args))
+    except (ConfigError, ModelNotFoundError, InputError, PreflightError) as exc:
+        print(f"kimia-curate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kimia-curate: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The main job: discover inputs, check models, stream through Ray, commit shards, summarise.
+
+Order of events, chosen so that a mistake costs seconds, not hours:
+
+1. the config is validated and every enabled stage's ``check()`` runs in the driver: a
+   missing weight file or an impossible device fails here, before Ray starts;
+2. the output's prior commits are read: committed sources are skipped (resume);
+3. the Ray Data graph streams rows back; each recording is committed once all its rows
+   arrived; the resolved config, quarantine table and manifest are (re)written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.inputs import discover
+from stages.base import STATUS_EMPTY, STATUS_QUARANTINED, Row, Stage, StageContext
+from stages.decode import DecodeStage
+from stages.segment import SegmentStage
+from stages.transcribe import TranscribeStage
+from stages.write import EncodeStage, ShardSink, summarize
+
+log = logging.getLogger("kimia_curate")
+
+
+class PreflightError(RuntimeError):
+    """The run cannot start; the message says what to fix."""
+
+
+def plan_stages(cfg: RunConfig, context: StageContext) -> list[Stage]:
+    """The enabled stages in DESIGN §2 order (decode and encode always run)."""
+    stages: list[Stage] = [DecodeStage(cfg.decode, context)]
+    if cfg.segment.enabled:
+        stages.append(SegmentStage(cfg.segment, context))
+    else:
+        raise PreflightError("segment.enabled=false: a segmentation stage is required (enable segment)")
+    if cfg.transcribe.enabled:
+        stages.append(TranscribeStage(cfg.transcribe, context))
+    stages.append(EncodeStage(cfg.write, context))
+    for s in stages:
+        if s.config.device == "auto" and cfg.device != "auto":
+            s.config.device = cfg.device
+    return stages
+
+
+def preflight(cfg: RunConfig, stages: list[Stage]) -> None:
+    """Cross-stage checks and every stage's own ``check()``, before any work."""
+    enhanced = any(s.name == "enhance" for s in stages)
+    for s in stages:
+        stream = getattr(s.config, "input_stream", "original")
+        if stream == "enhanced" and not enhanced:
+            raise PreflightError(f"{s.name}.input_stream=enhanced but the enhance stage is disabled")
+    for s in stages:
+        s.check()
+
+
+def _init_ray(cfg: RunConfig, address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}, log_to_driver=True)
+        return
+    # Embedded Ray: listen on loopback only (see DESIGN §11), no dashboard, quiet workers.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "runtime_env": {"env_vars": env},
+        "log_to_driver": False,
+        "configure_logging": True,
+        "logging_level": logging.WARNING,
+    }
+    if cfg.ray.num_cpus:
+        kwargs["num_cpus"] = cfg.ray.num_cpus
+    if cfg.ray.object_store_memory_gb:
+        kwargs["object_store_memory"] = int(cfg.ray.object_store_memory_gb * 1e9)
+    ray.init(**kwargs)
+
+
+def _recording_key(row: Row) -> str:
+    return str(row.get("source"))
+
+
+def _complete(rows: list[Row]) -> bool:
+    first = rows[0]
+    if first.get("segment_index") is None and first.get("status") in (STATUS_QUARANTINED, STATUS_EMPTY):
+        return True
+    count = first.get("segment_count")
+    return count is not None and len(rows) >= int(count)
+
+
+def run(
+    cfg: RunConfig,
+    input_spec: str,
+    output: str | Path,
+    *,
+    address: str | None = None,
+    config_path: str = "<config>",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the pipeline; returns the summary also written to ``OUT/manifest.json``."""
+    t_start = time.perf_counter()
+    out = Path(output).expanduser().resolve()
+    context = StageContext(cache_dir=Path(cfg.models.cache_dir).expanduser(), config_path=config_path)
+    stages = plan_stages(cfg, context)
+    preflight(cfg, stages)
+    sources = discover(input_spec)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+
+    with ShardSink(out, cfg.write) as sink:
+        done = sink.committed_sources
+        todo = [s for s in sources if s.uri not in done]
+        skipped = len(sources) - len(todo)
+        if skipped:
+            print(f"resume: {skipped} of {len(sources)} inputs already committed in {out}", file=sys.stderr)
+        if todo:
+            _init_ray(cfg, address)
+            from pipeline.graph import build_dataset, iter_rows
+
+            items = [{"source": s.uri, "source_meta": s.meta, "status": "ok"} for s in todo]
+            ds = build_dataset(items, stages, parallelism=min(len(items), 200))
+            buffers: dict[str, list[Row]] = {}
+            bar = _progress(len(todo), progress)
+            for row in iter_rows(ds):
+                key = _recording_key(row)
+                buf = buffers.setdefault(key, [])
+                buf.append(row)
+                if _complete(buf):
+                    sink.add_recording(buffers.pop(key))
+                    bar.update(1)
+            bar.close()
+            if buffers:  # a stage lost rows: never silently; commit what we know as quarantine
+                for key, rows in buffers.items():
+                    log.error("incomplete recording %s: %d rows arrived", key, len(rows))
+    # Summaries are computed after the sink closed, so they include the final commit.
+    wall = time.perf_counter() - t_start
+    summary = summarize(sink.committed)
+    this_run = summarize(sink.this_run)
+    this_run["wall_seconds"] = round(wall, 3)
+    audio_s = this_run["hours_in"] * 3600
+    this_run["end_to_end_rtf"] = round(wall / audio_s, 5) if audio_s else None
+    summary["this_run"] = this_run
+    summary["config_hash"] = cfg.config_hash()
+    summary["profile"] = cfg.profile
+    sink.write_manifest(summary)
+    return summary
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="recordings committed", unit="rec", disable=not enabled, file=sys.stderr)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human-readable end-of-run summary."""
+    r = summary["this_run"]
+    lines = [
+        f"recordings: {r['recordings']} this run ({json.dumps(r['recordings_by_status'])}); "
+        f"{summary['recordings']} in the output",
+        f"hours in: {r['hours_in']:.4f}  hours kept: {r['hours_kept']:.4f}  "
+        f"segments kept: {r['segments_kept']}  dropped: {r['segments_dropped']}",
+        f"wall: {r['wall_seconds']:.1f} s  end-to-end RTF: {r['end_to_end_rtf']}",
+    ]
+    if r["stage_seconds"]:
+        lines.append("per stage (compute s, RTF): " + ", ".join(
+            f"{k} {v:.1f}s/{r['stage_rtf'][k]}" for k, v in r["stage_seconds"].items()
+        ))
+    if r["drop_reasons"]:
+        lines.append("dropped by reason: " + ", ".join(f"{k}={v}" for k, v in r["drop_reasons"].items()))
+    if r["quarantine_reasons"]:
+        lines.append("quarantined by reason: " + ", ".join(f"{k}={v}" for k, v in r["quarantine_reasons"].items()))
+    return "\n".join(lines)

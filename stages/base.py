@@ -1,0 +1,226 @@
+"""The stage contract every kimia-curate stage follows.
+
+A stage is a small class that knows nothing of Ray: it declares the columns it reads and
+writes, the resources one worker needs, loads its models once in :meth:`Stage.setup`, and
+maps a batch of row dicts to a batch of row dicts in :meth:`Stage.process_batch`. The
+pipeline (``pipeline/graph.py``) wraps it in a Ray Data actor pool or task; tests call it
+on a plain list of rows.
+
+Rows are plain ``dict`` objects (see ``stages/rows.py`` for the fields). Every row carries a
+``status``:
+
+* ``"ok"``: a recording or segment the stage should process;
+* ``"quarantined"``: an input that failed; carries ``error`` and ``failed_stage``. Stages
+  never see these rows: :meth:`Stage.__call__` passes them through untouched so the writer
+  can record them;
+* ``"empty"``: a recording that produced no segments (silence); passed through likewise.
+
+:meth:`Stage.__call__` also isolates failures: when a batch raises, it retries the rows one
+by one and quarantines only the rows that still fail, so one corrupt input never costs the
+rest of its batch. It stamps provenance (model id and config hash) and per-stage compute
+time on every row it returns.
+
+Example:
+    >>> class Upper(Stage):
+    ...     name = "upper"
+    ...     reads = ("text",)
+    ...     writes = ("text",)
+    ...     uses_model = False
+    ...     def process_batch(self, rows):
+    ...         return [{**r, "text": r["text"].upper()} for r in rows]
+    >>> out = Upper(StageConfig())([{"recording_id": "r1", "status": "ok", "text": "hi"}])
+    >>> out[0]["text"], out[0]["provenance"]["upper"]["model"]
+    ('HI', 'none')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Row = dict[str, Any]
+
+STATUS_OK = "ok"
+STATUS_QUARANTINED = "quarantined"
+STATUS_EMPTY = "empty"
+
+
+class StageConfig(BaseModel):
+    """Fields every stage section of the config has.
+
+    Subclass per stage (``class TranscribeConfig(StageConfig)``) and add the stage's own
+    parameters with their defaults and bounds in one place, the way pyannote declares its
+    hyper-parameters: the YAML profile, ``--set`` overrides and docs all read from here.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    enabled: bool = Field(True, description="Run this stage at all.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Rows per call of process_batch.")
+    num_workers: int = Field(
+        1, ge=1, le=4096, description="Actors in this stage's pool (model stages) or task concurrency."
+    )
+    num_cpus: float = Field(1.0, gt=0, le=512, description="CPUs reserved per worker.")
+    num_gpus: float = Field(
+        0.0, ge=0, le=16, description="GPUs per worker; fractions pack several workers on one GPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = cuda when num_gpus > 0 and a GPU is visible, else cpu."
+    )
+
+    def config_hash(self) -> str:
+        """A short, stable hash of this section, recorded in every sample's provenance."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage asks the scheduler for."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Run-wide facts a stage may need besides its own section.
+
+    Attributes:
+        cache_dir: where model references resolve and where derived weights are staged.
+        config_path: the YAML the run was started with, named in error messages.
+    """
+
+    cache_dir: Path = Path.home() / ".cache" / "kimia-curate"
+    config_path: str = "<config>"
+
+
+class StageError(RuntimeError):
+    """An input-specific failure: the row is quarantined with this message, the run goes on."""
+
+
+class Stage(ABC):
+    """Base class of all stages.
+
+    Class attributes:
+        name: the stage's name; also its config section and its provenance key.
+        reads / writes: the row fields it consumes and produces (documentation and checks).
+        fanout: True when one input row becomes zero or more output rows (recording to
+            segments); the pipeline then never fuses it with a non-fan-out stage.
+        uses_model: True for stages that load a model in :meth:`setup`; those run in an
+            actor pool (one model load per worker), the rest as stateless tasks.
+    """
+
+    name: ClassVar[str]
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
+    fanout: ClassVar[bool] = False
+    uses_model: ClassVar[bool] = True
+
+    def __init__(self, config: StageConfig, context: StageContext | None = None) -> None:
+        self.config = config
+        self.context = context or StageContext()
+        self._ready = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load models once per worker. Called lazily before the first batch."""
+
+    def check(self) -> None:
+        """Fail fast, before any work, when the stage cannot run (missing weights, bad device).
+
+        Runs in the driver at start-up, so it must be cheap: check files, not load models.
+        """
+
+    @abstractmethod
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        """Map ``status == "ok"`` rows to output rows.
+
+        Raise :class:`StageError` (or any exception) for input-specific failures: the
+        caller isolates the failing row and quarantines it.
+        """
+
+    def model_id(self) -> str:
+        """The model this stage ran, as recorded in provenance ("none" for model-free stages)."""
+        return "none"
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus)
+
+    def resolve_device(self) -> str:
+        """The torch device string this worker should use."""
+        if self.config.device != "auto":
+            return self.config.device
+        if self.config.num_gpus > 0:
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    return "cuda"
+            except ImportError:  # pragma: no cover - torch is a hard dependency
+                pass
+        return "cpu"
+
+    # -- the call the pipeline makes ---------------------------------------------------------
+    def __call__(self, rows: list[Row]) -> list[Row]:
+        if len(rows) == 0:
+            return []
+        if not self._ready:
+            self.setup()
+            self._ready = True
+        todo = [r for r in rows if r.get("status", STATUS_OK) == STATUS_OK]
+        passthrough = [r for r in rows if r.get("status", STATUS_OK) != STATUS_OK]
+        if not todo:
+            return rows
+        t0 = time.perf_counter()
+        try:
+            out = self.process_batch(todo)
+        except Exception:  # noqa: BLE001 - isolate the bad row(s) below
+            out = []
+            for row in todo:
+                try:
+                    out.extend(self.process_batch([row]))
+                except Exception as exc:  # noqa: BLE001
+                    out.append(self.quarantine(row, exc))
+        elapsed = time.perf_counter() - t0
+        self._stamp(out, elapsed)
+        # Keep input order: pass-through rows go first; their order relative to processed
+        # rows carries no meaning (they belong to other recordings).
+        return passthrough + out
+
+    def quarantine(self, row: Row, exc: BaseException) -> Row:
+        """Turn a row into a quarantine record that keeps what identifies the input."""
+        keep = ("recording_id", "source", "duration_s", "sample_rate", "segment_index", "segment_count")
+        message = str(exc) if isinstance(exc, StageError) else f"{type(exc).__name__}: {exc}"
+        rec: Row = {k: row[k] for k in keep if k in row}
+        rec.update(
+            status=STATUS_QUARANTINED,
+            failed_stage=self.name,
+            error=message.strip().splitlines()[0][:500] if message.strip() else type(exc).__name__,
+            error_detail="".join(traceback.format_exception(exc))[-4000:],
+        )
+        return rec
+
+    def _stamp(self, rows: list[Row], elapsed: float) -> None:
+        """Record provenance and apportion the batch's compute time over its output rows."""
+        ok = [r for r in rows if r.get("status", STATUS_OK) == STATUS_OK]
+        stamp = {"model": self.model_id(), "config_hash": self.config.config_hash()}
+        total = sum(float(r.get("duration_s") or 0.0) for r in ok) or float(len(ok) or 1)
+        for r in rows:
+            timings = dict(r.get("timings") or {})
+            if r.get("status", STATUS_OK) == STATUS_OK:
+                share = (float(r.get("duration_s") or 0.0) or 1.0) / total if ok else 0.0
+                timings[self.name] = timings.get(self.name, 0.0) + elapsed * share
+                prov = dict(r.get("provenance") or {})
+                prov[self.name] = stamp
+                r["provenance"] = prov
+            r["timings"] = timings

@@ -1,0 +1,176 @@
+"""Segmentation by voice activity: a recording becomes speech segments of bounded length.
+
+This is the segmentation used when diarization is off. Silero VAD finds speech regions;
+regions closer than ``max_gap_s`` are joined while the result stays within
+``max_segment_s`` (long-form context for the LM, Whisper's 30 s window for the labeller),
+and a region longer than that is cut at its quietest point, never mid-word if a pause exists.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from stages.base import STATUS_EMPTY, STATUS_OK, Row, Stage, StageConfig
+
+#: Recording-level fields every segment row inherits.
+RECORDING_FIELDS = (
+    "recording_id",
+    "source",
+    "source_meta",
+    "sample_rate",
+    "loudness_lufs",
+    "orig_sample_rate",
+    "orig_channels",
+    "content_sha256",
+    "provenance",
+    "timings",
+)
+
+
+class SegmentConfig(StageConfig):
+    """VAD segmentation settings (used while ``diarize`` is disabled)."""
+
+    batch_size: int = Field(1, ge=1, le=64, description="Recordings per call.")
+    input_stream: Literal["original", "enhanced"] = Field(
+        "original", description="Which audio the VAD listens to; segments cut both streams alike."
+    )
+    threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability threshold.")
+    min_speech_s: float = Field(0.25, ge=0, description="VAD regions shorter than this are ignored.")
+    min_silence_s: float = Field(0.3, ge=0, description="Pauses shorter than this do not end a region.")
+    speech_pad_s: float = Field(0.1, ge=0, le=1, description="Padding kept around each region.")
+    min_segment_s: float = Field(1.0, ge=0, description="Segments shorter than this are not emitted.")
+    max_segment_s: float = Field(27.0, gt=1, le=30, description="Longest segment (s); 27 s as in Kimi-Audio, <= Whisper's 30 s.")
+    max_gap_s: float = Field(2.0, ge=0, description="Regions separated by at most this much silence are joined.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "SegmentConfig":
+        if self.min_segment_s >= self.max_segment_s:
+            raise ValueError(f"min_segment_s ({self.min_segment_s}) must be < max_segment_s ({self.max_segment_s})")
+        return self
+
+
+def join_regions(regions: list[tuple[float, float]], max_gap_s: float, max_len_s: float) -> list[tuple[float, float]]:
+    """Greedily join consecutive regions whose gap is <= ``max_gap_s`` while the span fits.
+
+    >>> join_regions([(0, 1), (1.5, 2), (5, 6)], max_gap_s=1.0, max_len_s=10)
+    [(0, 2), (5, 6)]
+    """
+    out: list[tuple[float, float]] = []
+    for start, end in regions:
+        if out and start - out[-1][1] <= max_gap_s and end - out[-1][0] <= max_len_s:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+def split_long(
+    audio: np.ndarray, sr: int, start: float, end: float, max_len_s: float, frame_s: float = 0.05
+) -> list[tuple[float, float]]:
+    """Cut ``[start, end)`` into pieces of at most ``max_len_s`` at the quietest frames.
+
+    Each cut is placed at the lowest-energy frame in the back half of the allowed window, so
+    pieces are neither tiny nor cut mid-word when a pause exists.
+    """
+    pieces: list[tuple[float, float]] = []
+    frame = max(1, int(frame_s * sr))
+    while end - start > max_len_s:
+        lo = start + max_len_s / 2
+        hi = start + max_len_s
+        a, b = int(lo * sr), int(hi * sr)
+        window = audio[a:b]
+        n = window.shape[0] // frame
+        if n == 0:
+            cut = hi
+        else:
+            energy = (window[: n * frame].reshape(n, frame) ** 2).mean(axis=1)
+            cut = lo + (int(np.argmin(energy)) + 0.5) * frame / sr
+        pieces.append((start, cut))
+        start = cut
+    pieces.append((start, end))
+    return pieces
+
+
+def make_segment_rows(rec: Row, spans: list[tuple[float, float, str | None]]) -> list[Row]:
+    """Cut a recording row into segment rows (shared by VAD segmentation and diarization).
+
+    Args:
+        rec: the recording row (``audio`` and maybe ``audio_enhanced`` at ``sample_rate``).
+        spans: ``(start_s, end_s, speaker)`` in time order.
+
+    Returns:
+        Segment rows per ``stages/rows.py``, or one ``status="empty"`` row when ``spans`` is
+        empty, so the writer still learns the recording is finished.
+    """
+    base = {k: rec[k] for k in RECORDING_FIELDS if k in rec}
+    base["recording_duration_s"] = rec["duration_s"]
+    if not spans:
+        return [{**base, "status": STATUS_EMPTY, "reason": "no speech found", "segment_count": 0}]
+    sr = int(rec["sample_rate"])
+    rows: list[Row] = []
+    for i, (start, end, speaker) in enumerate(spans):
+        a, b = int(round(start * sr)), int(round(end * sr))
+        row = {
+            **base,
+            "status": STATUS_OK,
+            "segment_index": i,
+            "segment_count": len(spans),
+            "start_s": a / sr,
+            "end_s": b / sr,
+            "duration_s": (b - a) / sr,
+            "speaker": speaker,
+            "audio": np.ascontiguousarray(rec["audio"][a:b]),
+        }
+        if rec.get("audio_enhanced") is not None:
+            row["audio_enhanced"] = np.ascontiguousarray(rec["audio_enhanced"][a:b])
+        rows.append(row)
+    return rows
+
+
+class SegmentStage(Stage):
+    """Recording rows to segment rows with Silero VAD (fan-out)."""
+
+    name = "segment"
+    reads = ("audio", "audio_enhanced", "sample_rate", "duration_s")
+    writes = ("segment_index", "segment_count", "start_s", "end_s", "duration_s", "speaker", "audio")
+    fanout = True
+    uses_model = True
+
+    config: SegmentConfig
+
+    def setup(self) -> None:
+        from stages.vad import SileroVAD
+
+        self._vad = SileroVAD()
+
+    def model_id(self) -> str:
+        return "pkg:silero-vad"
+
+    def spans(self, audio: np.ndarray, sr: int) -> list[tuple[float, float]]:
+        """Speech spans of a recording after joining and splitting (seconds)."""
+        cfg = self.config
+        regions = self._vad.speech_regions(
+            audio,
+            sr,
+            threshold=cfg.threshold,
+            min_speech_s=cfg.min_speech_s,
+            min_silence_s=cfg.min_silence_s,
+            speech_pad_s=cfg.speech_pad_s,
+        )
+        spans: list[tuple[float, float]] = []
+        for start, end in join_regions(regions, cfg.max_gap_s, cfg.max_segment_s):
+            spans.extend(split_long(audio, sr, start, end, cfg.max_segment_s))
+        return [(s, e) for s, e in spans if e - s >= cfg.min_segment_s]
+
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        out: list[Row] = []
+        for rec in rows:
+            stream = rec["audio"]
+            if self.config.input_stream == "enhanced" and rec.get("audio_enhanced") is not None:
+                stream = rec["audio_enhanced"]
+            spans = self.spans(stream, int(rec["sample_rate"]))
+            out.extend(make_segment_rows(rec, [(s, e, None) for s, e in spans]))
+        return out
