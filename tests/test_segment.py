@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from stages.base import STATUS_EMPTY, STATUS_OK
+from stages.segment import SegmentConfig, SegmentStage, join_regions, make_segment_rows, split_long
+from stages.decode import DecodeConfig, DecodeStage
+
+
+def test_join_respects_gap_and_length() -> None:
+    regions = [(0.0, 5.0), (6.0, 10.0), (13.0, 14.0), (14.5, 30.0)]
+    assert join_regions(regions, max_gap_s=2.0, max_len_s=27.0) == [(0.0, 10.0), (13.0, 30.0)]
+    assert join_regions(regions, max_gap_s=2.0, max_len_s=8.0) == [(0.0, 5.0), (6.0, 10.0), (13.0, 14.0), (14.5, 30.0)]
+    assert join_regions([], 2.0, 27.0) == []
+
+
+def test_split_long_cuts_at_the_quiet_point() -> None:
+    sr = 1000
+    audio = np.ones(40 * sr, np.float32)
+    audio[int(17.0 * sr) : int(17.2 * sr)] = 0.0  # the only pause
+    pieces = split_long(audio, sr, 0.0, 40.0, max_len_s=27.0)
+    assert len(pieces) == 2
+    assert 17.0 <= pieces[0][1] <= 17.2
+    assert pieces[-1][1] == 40.0
+    assert all(e - s <= 27.0 for s, e in pieces)
+
+
+def test_split_long_without_pauses_still_bounds_length() -> None:
+    audio = np.ones(100 * 100, np.float32)
+    pieces = split_long(audio, 100, 0.0, 100.0, max_len_s=27.0)
+    assert all(e - s <= 27.0 + 1e-9 for s, e in pieces)
+    assert pieces[0][0] == 0.0 and pieces[-1][1] == 100.0
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+
+
+def test_segment_rows_slice_both_streams() -> None:
+    rec = {
+        "recording_id": "r", "source": "s", "sample_rate": 10, "duration_s": 10.0, "status": STATUS_OK,
+        "audio": np.arange(100, dtype=np.float32), "audio_enhanced": -np.arange(100, dtype=np.float32),
+    }
+    rows = make_segment_rows(rec, [(1.0, 2.0, "S0"), (5.0, 7.5, "S1")])
+    assert [r["segment_index"] for r in rows] == [0, 1]
+    assert all(r["segment_count"] == 2 for r in rows)
+    assert rows[1]["audio"].tolist() == list(range(50, 75))
+    assert rows[1]["audio_enhanced"].tolist() == [-x for x in range(50, 75)]
+    assert rows[1]["duration_s"] == 2.5 and rows[1]["recording_duration_s"] == 10.0
+    (empty,) = make_segment_rows(rec, [])
+    assert empty["status"] == STATUS_EMPTY and empty["segment_count"] == 0
+
+
+def test_vad_segments_real_speech(espeak_conversation: Path) -> None:
+    (rec,) = DecodeStage(DecodeConfig())([{"source": str(espeak_conversation), "status": "ok"}])
+    stage = SegmentStage(SegmentConfig(max_gap_s=0.5, max_segment_s=6.0))
+    rows = stage([rec])
+    assert len(rows) >= 3
+    assert all(r["status"] == STATUS_OK for r in rows)
+    assert all(1.0 <= r["duration_s"] <= 6.0 + 1e-6 for r in rows)
+    starts = [r["start_s"] for r in rows]
+    assert starts == sorted(starts)
+    speech = sum(r["duration_s"] for r in rows)
+    assert speech > 0.6 * rec["duration_s"]
+    assert rows[0]["provenance"]["segment"]["model"] == "pkg:silero-vad"
+
+
+def test_noise_only_recording_becomes_one_empty_row(tmp_path: Path) -> None:
+    p = tmp_path / "hum.wav"
+    t = np.arange(16000 * 3) / 16000
+    sf.write(p, (0.1 * np.sin(2 * np.pi * 50 * t)).astype(np.float32), 16000)
+    (rec,) = DecodeStage(DecodeConfig())([{"source": str(p), "status": "ok"}])
+    (row,) = SegmentStage(SegmentConfig())([rec])
+    assert row["status"] == STATUS_EMPTY and row["reason"] == "no speech found"
