@@ -1,0 +1,158 @@
+"""The whole CLI on real speech and on broken files, and a kill-and-resume test."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from pipeline.cli import main
+from pipeline.inspect_output import inspect_output
+from stages.textnorm import wer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _index_rows(out: Path) -> list[dict]:
+    rows: list[dict] = []
+    for p in sorted((out / "index").glob("*.parquet")):
+        rows.extend(pq.read_table(p).to_pylist())
+    return rows
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, english_clips, espeak_conversation, pyannote_sample) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    for p, _ in english_clips:
+        shutil.copy(p, d / p.name)
+    (d / "nested").mkdir()
+    shutil.copy(espeak_conversation, d / "nested" / "conversation.wav")
+    shutil.copy(pyannote_sample, d / "nested" / "meeting.wav")
+    (d / "broken").mkdir()
+    (d / "broken" / "empty.wav").write_bytes(b"")
+    (d / "broken" / "not_audio.flac").write_text("definitely not audio")
+    (d / "broken" / "truncated.wav").write_bytes(pyannote_sample.read_bytes()[:30000])
+    sf.write(d / "broken" / "silence.wav", [0.0] * 32000, 16000)
+    return d
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_local, corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("out") / "run"
+    code = main(["run", "--config", str(ROOT / "configs" / "local.yaml"), "--input", str(corpus),
+                 "--output", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_output_layout_and_inspect(finished_run: Path) -> None:
+    for name in ("config.yaml", "manifest.json", "quarantine.parquet"):
+        assert (finished_run / name).is_file()
+    report = inspect_output(finished_run)
+    assert report["ok"], report["findings"]
+    assert report["recordings"] == 5  # 3 clips, the conversation, the meeting
+    assert main(["inspect", str(finished_run)]) == 0
+
+
+def test_transcripts_match_references(finished_run: Path, english_clips) -> None:
+    rows = _index_rows(finished_run)
+    for path, ref in english_clips:
+        text = " ".join(r["text"] for r in sorted(rows, key=lambda r: r["key"]) if r["source"].endswith("/" + path.name))
+        assert wer(ref, text) <= 0.1, (path.name, ref, text)
+    meeting = [r for r in rows if r["source"].endswith("meeting.wav")]
+    assert len(meeting) >= 1 and all(r["duration_s"] <= 27.0 for r in meeting)
+    assert all(r["language"] == "en" for r in rows)
+
+
+def test_broken_files_are_quarantined_with_reasons(finished_run: Path) -> None:
+    table = {Path(r["source"]).name: r for r in pq.read_table(finished_run / "quarantine.parquet").to_pylist()}
+    assert set(table) == {"empty.wav", "not_audio.flac", "truncated.wav", "silence.wav"}
+    assert "empty file" in table["empty.wav"]["error"]
+    assert "not decodable" in table["not_audio.flac"]["error"]
+    assert "truncated" in table["truncated.wav"]["error"]
+    assert "silent" in table["silence.wav"]["error"]
+    assert all(r["stage"] == "decode" for r in table.values())
+
+
+def test_manifest_summary(finished_run: Path) -> None:
+    summary = json.loads((finished_run / "manifest.json").read_text())["summary"]
+    assert summary["recordings_by_status"] == {"ok": 5, "quarantined": 4}
+    assert 0 < summary["hours_kept"] <= summary["hours_in"]
+    assert set(summary["stage_seconds"]) >= {"decode", "segment", "transcribe"}
+    assert summary["this_run"]["end_to_end_rtf"] > 0
+
+
+def test_rerun_is_a_no_op(finished_run: Path, corpus: Path, capsys) -> None:
+    before = sorted(p.name for p in (finished_run / "shards").iterdir())
+    code = main(["run", "--config", str(ROOT / "configs" / "local.yaml"), "--input", str(corpus),
+                 "--output", str(finished_run), "--quiet"])
+    assert code == 0
+    assert "9 of 9 inputs already committed" in capsys.readouterr().err
+    assert sorted(p.name for p in (finished_run / "shards").iterdir()) == before
+    assert inspect_output(finished_run)["ok"]
+
+
+def test_bad_config_and_missing_model_fail_before_work(tmp_path: Path, corpus: Path, capsys) -> None:
+    out = tmp_path / "o"
+    code = main(["run", "--input", str(corpus), "--output", str(out), "--set", "transcribe.beam_size=0"])
+    assert code == 2 and "transcribe.beam_size" in capsys.readouterr().err
+    code = main(["run", "--input", str(corpus), "--output", str(out),
+                 "--set", "transcribe.backend=openai-whisper", "--set", "transcribe.model=large-v3",
+                 "--set", f"models.cache_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "large-v3.pt" in err and "transcribe.model" in err
+    assert not out.exists()
+
+
+def test_models_list_and_verify(capsys) -> None:
+    assert main(["models", "verify", "--config", str(ROOT / "configs" / "local.yaml")]) == 0
+    text = capsys.readouterr().out
+    assert "transcribe.model" in text and "intact" in text and "pkg:silero-vad" in text
+
+
+def _spawn(corpus: Path, out: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "--config", str(ROOT / "configs" / "local.yaml"),
+         "--input", str(corpus), "--output", str(out), "--quiet",
+         "--set", "write.shard_max_samples=1", "--set", "transcribe.beam_size=1"],
+        cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def _kill_after(proc: subprocess.Popen, out: Path, commits: int, timeout: float = 240) -> None:
+    """SIGKILL the whole process group (driver and its Ray) once ``commits`` commits exist."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((out / "_state").glob("commit-*.json"))) >= commits:
+            break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_kill_and_resume(corpus: Path, finished_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    _kill_after(_spawn(corpus, out, tmp_path / "1.log"), out, commits=1)
+    first = len(list((out / "_state").glob("commit-*.json")))
+    _kill_after(_spawn(corpus, out, tmp_path / "2.log"), out, commits=first + 2)
+    proc = _spawn(corpus, out, tmp_path / "3.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "3.log").read_text()[-3000:]
+    report = inspect_output(out)
+    assert report["ok"], report["findings"]
+    keys = [r["key"] for r in _index_rows(out)]
+    assert len(keys) == len(set(keys)), "duplicate samples after resume"
+    reference = [r["key"] for r in _index_rows(finished_run)]
+    assert sorted(keys) == sorted(reference), "missing or extra samples after resume"
+    quarantined = pq.read_table(out / "quarantine.parquet").column("source").to_pylist()
+    assert len(quarantined) == len(set(quarantined)) == 4
