@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import Field
 
-from kimia_model.refs import ModelNotFoundError, missing, resolve
+from kimia_model.refs import missing, resolve
 from stages.audio import resample
 from stages.base import Row, Stage, StageConfig, StageContext
 
@@ -57,6 +57,11 @@ class TranscribeConfig(StageConfig):
     max_new_tokens: int = Field(224, ge=1, le=440, description="Longest transcript per segment in tokens.")
     input_stream: Literal["original", "enhanced"] = Field(
         "original", description="Which audio stream the ASR hears."
+    )
+    kimia_tokenizer: str | None = Field(
+        None,
+        description="kimia backend: GLM-4-Voice tokenizer dir (null: <model>/glm-4-voice-tokenizer, "
+        "then <cache_dir>/glm-4-voice-tokenizer).",
     )
 
 
@@ -280,6 +285,10 @@ def resolve_asr_model(config: TranscribeConfig, context: StageContext, key: str 
             raise missing(path / "<name>.pt", key, how)
         return path
     path = resolve(config.model, key, how=how, cache_dir=context.cache_dir)
+    if config.backend == "kimia":
+        from stages.transcribe_kimia import check_model_dir
+
+        check_model_dir(path, config.kimia_tokenizer, config_key=key)
     if config.backend == "faster-whisper":
         for name in ("model.bin", "config.json", "tokenizer.json"):
             if not (path / name).is_file():
@@ -294,11 +303,11 @@ def build_asr(config: TranscribeConfig, context: StageContext, device: str = "cp
         return FasterWhisperBackend(path, device=device, config=config)
     if config.backend == "openai-whisper":
         return OpenAIWhisperBackend(path, device=device, config=config)
-    try:
-        from stages.transcribe_kimia import KimiaASR
-    except ImportError as exc:  # pragma: no cover - present once kimia_model lands
-        raise ModelNotFoundError(f"transcribe.backend=kimia needs kimia_model support: {exc}") from exc
-    return KimiaASR(path, device=device)  # type: ignore[return-value]
+    from stages.transcribe_kimia import KimiaASR
+
+    return KimiaASR(  # type: ignore[return-value]
+        path, device=device, glm_tokenizer_dir=config.kimia_tokenizer, max_new_tokens=config.max_new_tokens
+    )
 
 
 class TranscribeStage(Stage):

@@ -116,6 +116,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     [
         ("openai-whisper", "large-v3", "whisper/large-v3.pt"),
         ("faster-whisper", "/nonexistent/whisper-large-v3-ct2", "whisper-large-v3-ct2"),
+        ("kimia", "/nonexistent/Kimi-Audio-7B-Instruct", "Kimi-Audio-7B-Instruct"),
     ],
 )
 def test_missing_weights_name_file_key_and_fix(tmp_path: Path, backend: str, model: str, needle: str) -> None:
