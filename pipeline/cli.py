@@ -73,6 +73,48 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 1 if (bad and args.action == "verify") else 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from stages.audit.cli import main as audit_main
+
+    return audit_main(args.rest)
+
+
+def cmd_eval_diarization(args: argparse.Namespace) -> int:
+    from stages.diarize import eval_diarization
+
+    cfg, _ = _load(args)
+    section = cfg.diarize.model_copy(update={"enabled": True})
+    out = Path(args.output)
+    result = eval_diarization(Path(args.reference), Path(args.input), section, out, collar=args.collar)
+    print(json.dumps(result.get("total", result), indent=2, default=str))
+    print(f"RTTM and metrics.json in {out}")
+    return 0
+
+
+def cmd_tokenizer_fit(args: argparse.Namespace) -> int:
+    from kimia_model.codebook import fit_codebook
+
+    cfg, _ = _load(args)
+    cache = Path(cfg.models.cache_dir).expanduser()
+    out = Path(args.out)
+    if out.suffix != ".safetensors" and "/" not in args.out:
+        out = cache / "codebooks" / f"{args.out}.safetensors"  # a bare name, as tokenize.codebook takes it
+    report = fit_codebook(
+        [Path(p) for p in args.inputs], out, args.model or cfg.tokenize.model, args.size,
+        pool_layer=args.layer, max_hours=args.max_hours, iterations=args.iterations, seed=args.seed, cache_dir=cache,
+    )
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from stages.export_kimi import export_kimi_audio
+
+    report = export_kimi_audio(Path(args.run), Path(args.dest), task=args.task)
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kimia-curate",
@@ -94,6 +136,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-decode", action="store_true", help="skip decoding audio (faster)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "audit", help="quality report (OUT/audit/report.html, audit.json); --against BASE compares runs",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="OUT [--against BASE] [--workers N] [--worst-k K] [--address A]")
+    p.set_defaults(func=cmd_audit)
+
+    ev = sub.add_parser("eval", help="evaluate a stage against references").add_subparsers(dest="what", required=True)
+    p = ev.add_parser("diarization", help="DER (miss, false alarm, confusion) and JER against RTTM references")
+    _add_config_args(p)
+    p.add_argument("--reference", required=True, help="folder of <stem>.rttm files (or one .rttm)")
+    p.add_argument("--input", required=True, help="audio file or folder; stems match the RTTM files")
+    p.add_argument("--output", default="diarization-eval", help="where RTTM and metrics.json go")
+    p.add_argument("--collar", type=float, default=0.25, help="forgiveness collar around reference boundaries (s)")
+    p.set_defaults(func=cmd_eval_diarization)
+
+    tok = sub.add_parser("tokenizer", help="semantic tokenizer tools").add_subparsers(dest="what", required=True)
+    p = tok.add_parser("fit", help="fit a VQ codebook on pooled Whisper features of your audio")
+    _add_config_args(p)
+    p.add_argument("inputs", nargs="+", help="audio files or folders")
+    p.add_argument("--out", required=True, help="codebook .safetensors path, or a bare name saved as <cache>/codebooks/NAME.safetensors")
+    p.add_argument("--model", default=None, help="Whisper checkpoint (default: tokenize.model)")
+    p.add_argument("--size", type=int, default=1024, help="number of codes")
+    p.add_argument("--layer", type=int, default=None, help="encoder layer to pool (default: last)")
+    p.add_argument("--max-hours", type=float, default=10.0, help="audio sample size")
+    p.add_argument("--iterations", type=int, default=100, help="mini-batch k-means iterations")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tokenizer_fit)
+
+    exp = sub.add_parser("export", help="export a run for training code").add_subparsers(dest="what", required=True)
+    p = exp.add_parser("kimi-audio", help="JSONL for Kimi-Audio fine-tuning (audio tokens shifted by 152064)")
+    p.add_argument("run", help="output directory of a run")
+    p.add_argument("dest", help="export directory (data.jsonl + audio/)")
+    p.add_argument("--task", default="asr", choices=["asr"], help="fine-tuning task")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="which weights the enabled stages need, and whether they are here")
     p.add_argument("action", choices=["list", "verify"])

@@ -20,7 +20,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.decode import DecodeConfig
+from stages.diarize import DiarizeConfig
+from stages.enhance import EnhanceConfig
+from stages.filter import FilterConfig
+from stages.quality import QualityConfig
+from stages.roundtrip import RoundtripConfig
 from stages.segment import SegmentConfig
+from stages.tokenize import TokenizeConfig
 from stages.transcribe import TranscribeConfig
 from stages.write import WriteConfig
 
@@ -71,8 +77,14 @@ class RunConfig(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    enhance: EnhanceConfig = Field(default_factory=lambda: EnhanceConfig(enabled=False))
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
+    diarize: DiarizeConfig = Field(default_factory=lambda: DiarizeConfig(enabled=False))
     transcribe: TranscribeConfig = Field(default_factory=TranscribeConfig)
+    tokenize: TokenizeConfig = Field(default_factory=lambda: TokenizeConfig(enabled=False))
+    roundtrip: RoundtripConfig = Field(default_factory=lambda: RoundtripConfig(enabled=False))
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)
 
     def config_hash(self) -> str:

@@ -23,6 +23,9 @@ from pipeline.config import RunConfig
 from pipeline.inputs import discover
 from stages.base import STATUS_EMPTY, STATUS_QUARANTINED, Row, Stage, StageContext
 from stages.decode import DecodeStage
+from stages.filter import FilterStage
+from stages.quality import QualityStage
+from stages.roundtrip import RoundtripStage
 from stages.segment import SegmentStage
 from stages.transcribe import TranscribeStage
 from stages.write import EncodeStage, ShardSink, summarize
@@ -35,14 +38,31 @@ class PreflightError(RuntimeError):
 
 
 def plan_stages(cfg: RunConfig, context: StageContext) -> list[Stage]:
-    """The enabled stages in DESIGN §2 order (decode and encode always run)."""
+    """The enabled stages in DESIGN §2 order (decode and encode always run).
+
+    Segmentation is diarization when ``diarize.enabled``, else Silero VAD (``segment``).
+    """
+    from stages.diarize import DiarizeStage
+    from stages.enhance import EnhanceStage
+    from stages.tokenize import TokenizeStage
+
     stages: list[Stage] = [DecodeStage(cfg.decode, context)]
-    if cfg.segment.enabled:
+    if cfg.enhance.enabled:
+        stages.append(EnhanceStage(cfg.enhance, context))
+    if cfg.diarize.enabled:
+        stages.append(DiarizeStage(cfg.diarize, context))
+    elif cfg.segment.enabled:
         stages.append(SegmentStage(cfg.segment, context))
     else:
-        raise PreflightError("segment.enabled=false: a segmentation stage is required (enable segment)")
-    if cfg.transcribe.enabled:
-        stages.append(TranscribeStage(cfg.transcribe, context))
+        raise PreflightError("both diarize and segment are disabled: enable one of them to cut recordings into segments")
+    optional = [
+        (cfg.transcribe, TranscribeStage),
+        (cfg.tokenize, TokenizeStage),
+        (cfg.roundtrip, RoundtripStage),
+        (cfg.quality, QualityStage),
+        (cfg.filter, FilterStage),
+    ]
+    stages += [cls(section, context) for section, cls in optional if section.enabled]
     stages.append(EncodeStage(cfg.write, context))
     for s in stages:
         if s.config.device == "auto" and cfg.device != "auto":
@@ -54,9 +74,9 @@ def preflight(cfg: RunConfig, stages: list[Stage]) -> None:
     """Cross-stage checks and every stage's own ``check()``, before any work."""
     enhanced = any(s.name == "enhance" for s in stages)
     for s in stages:
-        stream = getattr(s.config, "input_stream", "original")
-        if stream == "enhanced" and not enhanced:
-            raise PreflightError(f"{s.name}.input_stream=enhanced but the enhance stage is disabled")
+        stream = getattr(s.config, "input_stream", None) or getattr(s.config, "audio_field", "audio")
+        if stream in ("enhanced", "audio_enhanced") and not enhanced:
+            raise PreflightError(f"{s.name} reads the enhanced stream but the enhance stage is disabled (enhance.enabled)")
     for s in stages:
         s.check()
 
@@ -71,11 +91,17 @@ def _init_ray(cfg: RunConfig, address: str | None) -> None:
     root = str(Path(__file__).resolve().parent.parent)
     env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}, log_to_driver=True)
+        # On a cluster the code reaches workers through the job's runtime_env (ray job
+        # submit --working-dir) or an install on the nodes; adding a runtime_env here would
+        # conflict with the job's own.
+        ray.init(address=address, log_to_driver=True)
         return
     # Embedded Ray: listen on loopback only (see DESIGN §11), no dashboard, quiet workers.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     kwargs: dict[str, Any] = {
+        # "local" always starts a private instance; a bare ray.init() would attach to any
+        # cluster already running on this machine (someone else's, or a stale one).
+        "address": "local",
         "include_dashboard": False,
         "runtime_env": {"env_vars": env},
         "log_to_driver": False,
@@ -87,6 +113,28 @@ def _init_ray(cfg: RunConfig, address: str | None) -> None:
     if cfg.ray.object_store_memory_gb:
         kwargs["object_store_memory"] = int(cfg.ray.object_store_memory_gb * 1e9)
     ray.init(**kwargs)
+
+
+def check_resources(stages: list[Stage], cluster: dict[str, float]) -> None:
+    """Refuse a plan whose actor pools cannot all be placed next to a task.
+
+    Actors hold their CPUs and GPUs for the whole run; if they take everything, the task
+    stages (decode, encode) never get scheduled and Ray Data waits forever. Catch that up
+    front with a message that says which knobs to turn.
+    """
+    for res, attr in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        held = sum(getattr(s.config, attr) * s.config.num_workers for s in stages if s.uses_model)
+        task_need = max((getattr(s.config, attr) for s in stages if not s.uses_model), default=0.0)
+        have = float(cluster.get(res, 0.0))
+        if held + task_need > have + 1e-9 and (held > 0 or task_need > 0):
+            pools = ", ".join(
+                f"{s.name}={getattr(s.config, attr):g}x{s.config.num_workers}"
+                for s in stages if s.uses_model and getattr(s.config, attr)
+            )
+            raise PreflightError(
+                f"actor pools hold {held:g} {res} ({pools}) and tasks need {task_need:g} more, but the cluster has "
+                f"{have:g}: lower <stage>.{attr} or <stage>.num_workers (a logical share; threads are set separately)"
+            )
 
 
 def _recording_key(row: Row) -> str:
@@ -120,7 +168,8 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
 
-    with ShardSink(out, cfg.write) as sink:
+    keep_dropped = cfg.filter.enabled and cfg.filter.keep_dropped
+    with ShardSink(out, cfg.write, keep_dropped=keep_dropped) as sink:
         done = sink.committed_sources
         todo = [s for s in sources if s.uri not in done]
         skipped = len(sources) - len(todo)
@@ -128,6 +177,10 @@ def run(
             print(f"resume: {skipped} of {len(sources)} inputs already committed in {out}", file=sys.stderr)
         if todo:
             _init_ray(cfg, address)
+            import ray
+
+            if not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+                check_resources(stages, ray.cluster_resources())  # an autoscaling cluster may grow: local only
             from pipeline.graph import build_dataset, iter_rows
 
             items = [{"source": s.uri, "source_meta": s.meta, "status": "ok"} for s in todo]

@@ -61,9 +61,6 @@ class WriteConfig(StageConfig):
     commit_interval_s: float = Field(
         120.0, gt=0, description="Commit quarantined/empty recordings at least this often, even if no shard is full."
     )
-    keep_dropped: bool = Field(
-        False, description="Write segments with verdict=drop to OUT/dropped/ (same layout) for review."
-    )
 
 
 def _plain(value: Any) -> Any:
@@ -283,9 +280,14 @@ class ShardSink:
                 sink.add_recording(rows)
     """
 
-    def __init__(self, out: Path, config: WriteConfig) -> None:
+    def __init__(self, out: Path, config: WriteConfig, *, keep_dropped: bool = False) -> None:
+        from stages.filter import DuplicateTracker
+
         self.out = Path(out)
         self.config = config
+        self.keep_dropped = keep_dropped
+        # Exact duplicates across the whole run: the filter only sees one batch at a time.
+        self.dups = DuplicateTracker()
         self.state = self.out / "_state"
         self.pending: list[RecordingOutcome] = []
         self.committed: list[RecordingOutcome] = []
@@ -337,8 +339,23 @@ class ShardSink:
             return max(nums) + 1 if nums else 0
 
         self.kept = _ShardSet(self.out, next_number(""))
-        if self.config.keep_dropped:
+        self._seed_duplicates()
+        if self.keep_dropped:
             self.dropped = _ShardSet(self.out / "dropped", next_number("dropped"))
+
+    def _seed_duplicates(self) -> None:
+        """After a resume, samples committed earlier still count as seen for duplicate checks."""
+        import pyarrow.parquet as pq
+
+        for s in self.shards:
+            if s["root"]:
+                continue
+            path = self.out / "index" / s["index"]
+            if "audio_fp" not in pq.read_schema(path).names:
+                continue
+            table = pq.read_table(path, columns=["key", "audio_fp"])
+            for key, fp in zip(table.column("key").to_pylist(), table.column("audio_fp").to_pylist()):
+                self.dups.check(key, fp)
 
     @property
     def committed_sources(self) -> set[str]:
@@ -372,6 +389,8 @@ class ShardSink:
             if r.get("status") == STATUS_QUARANTINED:
                 outcome.quarantine.append(self._quarantine_record(r))
                 continue
+            if r.get("verdict") != "drop":  # a dropped copy must not condemn a later good one
+                self.dups.apply(r)
             drop = r.get("verdict") == "drop"
             if drop:
                 outcome.dropped += 1

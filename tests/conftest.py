@@ -82,6 +82,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to a cluster that happens to run on this machine
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

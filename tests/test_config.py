@@ -59,10 +59,10 @@ def test_cross_field_value(tmp_path: Path) -> None:
 
 def test_set_overrides_and_typing(tmp_path: Path) -> None:
     p = _write(tmp_path, {"transcribe": {"beam_size": 5}})
-    cfg = load_config(p, ["transcribe.beam_size=1", "transcribe.language=en", "write.keep_dropped=true"])
+    cfg = load_config(p, ["transcribe.beam_size=1", "transcribe.language=en", "filter.keep_dropped=true"])
     assert cfg.transcribe.beam_size == 1
     assert cfg.transcribe.language == "en"
-    assert cfg.write.keep_dropped is True
+    assert cfg.filter.keep_dropped is True
 
 
 def test_set_unknown_key_says_so(tmp_path: Path) -> None:

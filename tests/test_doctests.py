@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["stages.base", "stages.rows", "stages.audio", "stages.segment", "stages.textnorm", "stages.vad"]
+MODULES = ["stages.base", "stages.rows", "stages.audio", "stages.segment", "stages.textnorm", "stages.vad", "stages.quality", "stages.filter", "stages.audit.agg", "stages.audit.compare"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -69,7 +69,8 @@ def test_transcripts_match_references(finished_run: Path, english_clips) -> None
         text = " ".join(r["text"] for r in sorted(rows, key=lambda r: r["key"]) if r["source"].endswith("/" + path.name))
         assert wer(ref, text) <= 0.1, (path.name, ref, text)
     meeting = [r for r in rows if r["source"].endswith("meeting.wav")]
-    assert len(meeting) >= 1 and all(r["duration_s"] <= 27.0 for r in meeting)
+    assert len(meeting) >= 2 and all(r["duration_s"] <= 27.0 for r in meeting)
+    assert {r["speaker"] for r in meeting} == {"S0", "S1"}  # the sample has two speakers
     assert all(r["language"] == "en" for r in rows)
 
 
@@ -87,7 +88,7 @@ def test_manifest_summary(finished_run: Path) -> None:
     summary = json.loads((finished_run / "manifest.json").read_text())["summary"]
     assert summary["recordings_by_status"] == {"ok": 5, "quarantined": 4}
     assert 0 < summary["hours_kept"] <= summary["hours_in"]
-    assert set(summary["stage_seconds"]) >= {"decode", "segment", "transcribe"}
+    assert set(summary["stage_seconds"]) >= {"decode", "diarize", "transcribe", "quality", "filter"}
     assert summary["this_run"]["end_to_end_rtf"] > 0
 
 
@@ -156,3 +157,15 @@ def test_kill_and_resume(corpus: Path, finished_run: Path, tmp_path: Path) -> No
     assert sorted(keys) == sorted(reference), "missing or extra samples after resume"
     quarantined = pq.read_table(out / "quarantine.parquet").column("source").to_pylist()
     assert len(quarantined) == len(set(quarantined)) == 4
+
+
+def test_resource_plan_that_would_deadlock_is_refused() -> None:
+    from pipeline.config import load_config
+    from pipeline.run import PreflightError, check_resources, plan_stages
+    from stages.base import StageContext
+
+    cfg = load_config(ROOT / "configs" / "local.yaml", ["transcribe.num_cpus=2"])
+    stages = plan_stages(cfg, StageContext())
+    with pytest.raises(PreflightError, match=r"actor pools hold .* CPU .*transcribe=2x1.*cluster has 2"):
+        check_resources(stages, {"CPU": 2.0})
+    check_resources(plan_stages(load_config(ROOT / "configs" / "local.yaml"), StageContext()), {"CPU": 2.0})

@@ -33,8 +33,8 @@ def _segments(rec: str, n: int, sr: int = 16000, verdicts: list[str] | None = No
     return EncodeStage(WriteConfig())(rows)
 
 
-def _write(out: Path, recordings: list[list[dict]], **cfg) -> ShardSink:
-    with ShardSink(out, WriteConfig(**cfg)) as sink:
+def _write(out: Path, recordings: list[list[dict]], keep_dropped: bool = False, **cfg) -> ShardSink:
+    with ShardSink(out, WriteConfig(**cfg), keep_dropped=keep_dropped) as sink:
         for rows in recordings:
             sink.add_recording(rows)
     sink.write_manifest(summarize(sink.committed))
@@ -99,6 +99,19 @@ def test_reopen_removes_uncommitted_files_and_continues_numbering(tmp_path: Path
     sink.write_manifest(summarize(sink.committed))
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
     assert inspect_output(tmp_path)["ok"]
+
+
+def test_duplicates_across_recordings_and_resumes(tmp_path: Path) -> None:
+    a, b = _segments("aa", 2), _segments("bb", 2)
+    for r in a + b:
+        r["audio_fp"] = f"fp{r['segment_index']}"  # bb's segments repeat aa's audio exactly
+        r["verdict"], r["drop_reasons"] = "keep", []
+    _write(tmp_path, [a], keep_dropped=True)
+    with ShardSink(tmp_path, WriteConfig(), keep_dropped=True) as sink:  # a resumed run
+        outcome = sink.add_recording(b)
+    assert outcome.kept == 0 and outcome.dropped == 2
+    dropped = pq.read_table(tmp_path / "dropped" / "index" / "shard-000000.parquet").to_pylist()
+    assert [r["duplicate_of"] for r in dropped] == ["aa_00000", "aa_00001"]
 
 
 def test_failure_inside_the_block_commits_nothing_pending(tmp_path: Path) -> None:

@@ -1,0 +1,202 @@
+"""Round-trip check with real speech (espeak-ng) and a real recognizer (Whisper base, CTranslate2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from stages.base import StageContext
+from stages.roundtrip import RoundtripConfig, RoundtripStage, normalize_text, score
+from stages.tts import EspeakTTS, TTSError, parse_wav_bytes
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please remember to turn off the lights when you leave the room.",
+    "We will meet at the train station tomorrow morning.",
+    "She bought three apples and a loaf of bread at the market.",
+]
+VOICES = ["en-us", "en+f3", "en+m7", "en-gb+f2"]
+
+#: Labels a Whisper labeller really produces on bad input, none of which is speech in English.
+GARBAGE_LABELS = [
+    "[Music]",
+    "♪ ♪ ♪",
+    "我们明天见。",
+    "Мы встретимся завтра.",
+    "xkcd qwzr plmbt vtnq zzkj",
+]
+
+
+class _FasterWhisperAsr:
+    """The recognizer the lead's transcribe stage builds, reduced to what the test needs.
+
+    Plain faster-whisper on the packaged Whisper base, so this test does not depend on the
+    transcribe stage's batching code.
+    """
+
+    def __init__(self) -> None:
+        from faster_whisper import WhisperModel
+
+        from kimia_model.refs import resolve_packaged
+
+        path = resolve_packaged("whisper-base", "roundtrip.asr.model")
+        self.model = WhisperModel(str(path), device="cpu", compute_type="int8", cpu_threads=2)
+
+    def transcribe(self, audios: list[np.ndarray], sample_rate: int) -> list[dict]:
+        from stages.audio import resample
+
+        out = []
+        for a in audios:
+            segs, _ = self.model.transcribe(
+                resample(a, sample_rate, 16000), language="en", beam_size=1, vad_filter=False,
+                condition_on_previous_text=False, without_timestamps=True, max_new_tokens=96,
+                temperature=0.0,
+            )
+            out.append({"text": " ".join(s.text.strip() for s in segs)})
+        return out
+
+
+@pytest.fixture(scope="module")
+def asr() -> _FasterWhisperAsr:
+    return _FasterWhisperAsr()
+
+
+@pytest.fixture(scope="module")
+def tts() -> EspeakTTS:
+    return EspeakTTS()
+
+
+def _confusion(title: str, rows: list[dict], truth: list[bool]) -> dict[tuple[bool, bool], int]:
+    table = {(t, p): 0 for t in (True, False) for p in (True, False)}
+    for row, ok in zip(rows, truth):
+        table[(ok, bool(row["rt_pass"]))] += 1
+    print(f"\n{title}\n{'':>22}  pass  fail")
+    print(f"{'correct transcript':>22}  {table[(True, True)]:>4}  {table[(True, False)]:>4}")
+    print(f"{'wrong transcript':>22}  {table[(False, True)]:>4}  {table[(False, False)]:>4}")
+    for row, ok in zip(rows, truth):
+        wer = "  -  " if row["rt_wer"] is None else f"{row['rt_wer']:.2f}"
+        print(f"  {'ok ' if ok else 'BAD'} wer={wer} pass={row['rt_pass']!s:5} {row['text'][:38]!r:42} -> {row['rt_text']!r}")
+    return table
+
+
+def test_normalisation_and_scores():
+    assert normalize_text("Hello, World!  It's late.") == "hello world it is late"
+    s = score("The colour is grey.", "the color is gray")
+    assert s["wer"] == 0.0 and s["cer"] == 0.0  # British/American spelling is not an error
+    assert score("red green blue black", "red green black")["wer"] == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        score("[Music]", "anything")
+
+
+def test_espeak_backend(tts):
+    audio, sr = tts.synthesize("Testing one two three.", "en-gb+f2")
+    assert sr == 22050 and audio.dtype == np.float32 and 0.5 < audio.size / sr < 5
+    assert 0.01 < float(np.abs(audio).max()) <= 1.0
+    for bad in ("zz", "en+nope"):
+        with pytest.raises(TTSError, match="voice"):
+            tts.synthesize("hello", bad)
+    with pytest.raises(TTSError, match="invalid"):
+        tts.synthesize("hello", "en; rm -rf /")
+    with pytest.raises(TTSError, match="empty"):
+        tts.synthesize("   ", "en-us")
+    with pytest.raises(TTSError):
+        parse_wav_bytes(b"not a wav file at all, not at all, really not a wav")
+
+
+def test_label_check_separates_speakable_from_garbage_labels(asr, tts):
+    cfg = RoundtripConfig(mode="label", max_wer=0.3)
+    stage = RoundtripStage(cfg, StageContext(), tts=tts, asr=asr)
+    rows = [{"recording_id": f"r{i}", "segment_index": 0, "text": t, "language": "en", "status": "ok"}
+            for i, t in enumerate(SENTENCES + GARBAGE_LABELS)]
+    rows[0]["drop_reasons"] = ["low_snr"]  # earlier reasons are kept, never overwritten
+    out = stage(rows)
+    truth = [True] * len(SENTENCES) + [False] * len(GARBAGE_LABELS)
+    table = _confusion("label check (espeak-ng en-us -> Whisper base), max_wer 0.3", out, truth)
+    assert table[(True, True)] == len(SENTENCES) and table[(False, False)] == len(GARBAGE_LABELS)
+    good = [r["rt_wer"] for r in out[: len(SENTENCES)]]
+    assert max(good) <= 0.3 and np.mean(good) < 0.15
+    for r in out[len(SENTENCES):]:
+        assert r["rt_pass"] is False
+        assert any(x.startswith("roundtrip_") for x in r["drop_reasons"])
+    assert out[0]["drop_reasons"] == ["low_snr"] and out[0]["rt_max_wer"] == 0.3
+    assert out[0]["rt_tts"] == "espeak-ng:en-us" and "roundtrip" in out[0]["provenance"]
+
+
+def test_audio_check_separates_correct_from_wrong_transcripts(asr, tts):
+    """Segments of real speech with correct or deliberately wrong (another sentence's) transcripts."""
+    rows, truth = [], []
+    for i, (sentence, voice) in enumerate(zip(SENTENCES, VOICES)):
+        audio, sr = tts.synthesize(sentence, voice)
+        for ok in (True, False):
+            text = sentence if ok else SENTENCES[(i + 2) % len(SENTENCES)]
+            rows.append({"recording_id": f"s{i}", "segment_index": int(not ok), "text": text, "language": "en",
+                         "audio": audio, "sample_rate": sr, "duration_s": audio.size / sr, "status": "ok"})
+            truth.append(ok)
+    rows.append({**rows[0], "segment_index": 9, "language": "de"})  # not checked: other language
+    out = RoundtripStage(RoundtripConfig(mode="audio", max_wer=0.3), tts=tts, asr=asr)(rows)
+    table = _confusion("audio check (espeak-ng voices -> Whisper base), max_wer 0.3", out[:-1], truth)
+    assert table[(True, True)] == len(SENTENCES) and table[(False, False)] == len(SENTENCES)
+    wers = np.array([r["rt_wer"] for r in out[:-1]])
+    ok = np.array(truth)
+    assert wers[ok].max() <= 0.3 < wers[~ok].min()
+    assert all("roundtrip_wer>0.3" in r["drop_reasons"] for r, t in zip(out[:-1], truth) if not t)
+    assert out[-1]["rt_pass"] is None and "de" in out[-1]["rt_skipped"]
+
+
+def test_config_validation_and_missing_weights(tmp_path):
+    with pytest.raises(ValueError, match="detokenizer_model"):
+        RoundtripConfig(mode="tokens")
+    with pytest.raises(ValueError):
+        RoundtripConfig(max_wer=-1)
+    stage = RoundtripStage(RoundtripConfig(mode="tokens", detokenizer_model=str(tmp_path)))
+    from kimia_model.refs import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="roundtrip.detokenizer_model"):
+        stage.check()
+
+
+def test_token_check_path_with_tiny_detokenizer(tmp_path):
+    """Token mode end to end (random weights: the recognizer must hear non-speech and fail it)."""
+    from kimia_model.detokenizer import Detokenizer, save_pretrained
+
+    save_pretrained(Detokenizer.random_tiny(seed=0, vocab=16384), tmp_path)
+
+    class _Echo:  # recognizer stand-in: proves the detokenized audio reached it at 24 kHz
+        def transcribe(self, audios, sample_rate):
+            assert sample_rate == 24000
+            return [{"text": "" if np.abs(a).max() > 0 else "silence"} for a in audios]
+
+    cfg = RoundtripConfig(mode="tokens", detokenizer_model=str(tmp_path), ode_steps=4)
+    stage = RoundtripStage(cfg, asr=_Echo())
+    stage.check()
+    rows = [{"recording_id": "t", "segment_index": 0, "text": "hello world", "language": "en", "status": "ok",
+             "semantic_tokens": np.arange(40, dtype=np.int32) * 300},
+            {"recording_id": "t", "segment_index": 1, "text": "hello", "language": "en", "status": "ok",
+             "semantic_tokens": np.array([5, 99999], np.int32)}]
+    out = stage(rows)
+    assert out[0]["rt_pass"] is False and out[0]["rt_wer"] == 1.0 and out[0]["rt_tts"] == "kimia-detokenizer"
+    assert out[1]["status"] == "quarantined" and "16384" in out[1]["error"]
+
+
+def test_synthesize_corpus_keeps_only_what_round_trips(tmp_path, asr, tts):
+    from kimia_model.synth import SynthStats, synthesize_corpus
+
+    texts = tmp_path / "texts.jsonl"
+    lines = [{"text": SENTENCES[0]}, {"text": "xkcd qwzr plmbt vtnq zzkj", "id": "junk"}, {"text": "[Music]"},
+             {"text": SENTENCES[2], "voice": "en-gb+f2"}, {"nope": 1}]
+    texts.write_text("\n".join(json.dumps(x) for x in lines) + "\n{broken\n", encoding="utf-8")
+    stats = SynthStats()
+    rows = list(synthesize_corpus(texts, ["en+m7", "en-us"], tts, asr, 0.3, stats=stats))
+    print(f"\nsynth: {stats.lines} lines, {stats.attempted} spoken, {stats.kept} kept, dropped {dict(stats.dropped)}")
+    assert [r["text"] for r in rows] == [SENTENCES[0], SENTENCES[2]]
+    assert [r["speaker"] for r in rows] == ["en+m7", "en-gb+f2"]
+    assert stats.kept == 2 and stats.dropped == {"roundtrip_wer>0.3": 1, "roundtrip_no_words": 1,
+                                                  "no_text": 1, "bad_json": 1}
+    r = rows[0]
+    assert r["sample_rate"] == 22050 and r["audio"].dtype == np.float32 and r["rt_wer"] <= 0.3
+    assert r["source"].startswith("synth://espeak-ng/en+m7/") and len(r["recording_id"]) == 24

