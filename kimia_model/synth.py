@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from stages.roundtrip import AsrLike, normalize_text, score
+from stages.rows import recording_id
 from stages.tts import TTSBackend, TTSError
 
 
@@ -136,7 +137,7 @@ def synthesize_corpus(texts_jsonl: Path, voices: list[str], backend: TTSBackend,
             uri = f"synth://{backend.name}/{voice}/{item['id']}"
             digest = hashlib.sha256(np.ascontiguousarray(audio).tobytes()).hexdigest()
             pending.append({
-                "recording_id": hashlib.blake2b(uri.encode(), digest_size=8).hexdigest() + digest[:8],
+                "recording_id": recording_id(uri, digest),
                 "source": uri,
                 "status": "ok",
                 "sample_rate": int(sr),

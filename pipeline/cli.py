@@ -115,6 +115,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline.synth import run_synth
+
+    cfg, _ = _load(args)
+    if args.backend:
+        cfg.roundtrip.tts_backend = args.backend
+    summary = run_synth(cfg, Path(args.texts), Path(args.output), args.voices.split(","),
+                        threshold=args.max_wer, per_text=args.per_text, progress=not args.quiet)
+    s = summary["synth"]
+    print(f"{s['lines']} lines, {s['attempted']} utterances spoken, {s['kept']} kept; dropped: {json.dumps(s['dropped'])}")
+    for e in s["errors"][:5]:
+        print(f"  {e}")
+    print(f"output: {Path(args.output).resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kimia-curate",
@@ -172,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="export directory (data.jsonl + audio/)")
     p.add_argument("--task", default="asr", choices=["asr"], help="fine-tuning task")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("synth", help="speech from text, kept when the round-trip check passes, written as shards")
+    _add_config_args(p)
+    p.add_argument("--texts", required=True, help='JSONL: {"text": ..., "id"?, "language"?, "voice"?} per line')
+    p.add_argument("--output", "-o", required=True, help="output directory (same layout as run)")
+    p.add_argument("--voices", default="en-us,en+f3,en+m7,en-gb+f2", help="comma-separated voices, used in turn")
+    p.add_argument("--per-text", choices=["cycle", "each"], default="cycle", help="one voice per text, or every voice")
+    p.add_argument("--backend", choices=["espeak-ng", "kimia"], default=None, help="TTS (default: roundtrip.tts_backend)")
+    p.add_argument("--max-wer", type=float, default=None, help="keep utterances with WER <= this (default: roundtrip.max_wer)")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("models", help="which weights the enabled stages need, and whether they are here")
     p.add_argument("action", choices=["list", "verify"])
