@@ -445,7 +445,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, report: Calla
 
     Returns:
         ``{"train": [(step, loss), ...], "valid": [(step, metrics), ...], "step": final_step,
-        "out_dir": ...}``.
+        "out_dir": ..., "rank": this process's rank}`` (validation runs on rank 0 only).
     """
     rank, world, local_rank = _dist_setup(cfg.device)
     device = _resolve_device(cfg.device, local_rank)
@@ -485,7 +485,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, report: Calla
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     remaining = opt_cfg.steps - step
-    history: dict[str, Any] = {"train": [], "valid": [], "step": step, "out_dir": str(out_dir)}
+    history: dict[str, Any] = {"train": [], "valid": [], "step": step, "out_dir": str(out_dir), "rank": rank}
     if remaining <= 0:
         return history
     # Global item index: step * world * batch + rank * batch + j, so ranks never overlap

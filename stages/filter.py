@@ -77,14 +77,13 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 from pydantic import Field
 
 from stages.base import Row, Stage, StageConfig
-from stages.rows import sample_key
+from stages.rows import finite_or_none, sample_key
 
 KEEP = "keep"
 DROP = "drop"
@@ -168,14 +167,7 @@ class FilterConfig(StageConfig):
 
 def _num(row: Row, key: str) -> float | None:
     """A finite float from the row, or None when absent / None / NaN (= not checked)."""
-    v = row.get(key)
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
+    return finite_or_none(row.get(key))
 
 
 def _below(value: float | None, bound: float | None) -> bool:

@@ -47,6 +47,7 @@ from pydantic import Field
 from kimia_model.refs import missing, resolve_packaged
 from stages.audio import resample
 from stages.base import Row, Stage, StageConfig, StageError
+from stages.rows import finite_or_none
 
 DNSMOS_SAMPLE_RATE = 16000
 
@@ -361,14 +362,7 @@ def dnsmos_files(model_dir: Path, personalized: bool) -> list[Path]:
 # -- the stage -------------------------------------------------------------------------------
 
 
-def _num(v: Any) -> float | None:
-    if v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if np.isfinite(f) else None
+_num = finite_or_none
 
 
 class QualityStage(Stage):

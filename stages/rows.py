@@ -34,6 +34,8 @@ Every stage sets: provenance[stage] = {"model", "config_hash"}, timings[stage] =
 from __future__ import annotations
 
 import hashlib
+import math
+from typing import Any
 
 #: Fields that are bulk data, never copied into the JSON metadata or the Parquet index.
 ARRAY_FIELDS = ("audio", "audio_enhanced", "semantic_tokens", "whisper_features")
@@ -54,3 +56,21 @@ def recording_id(source_uri: str, content_sha256: str) -> str:
 def sample_key(rec_id: str, segment_index: int) -> str:
     """WebDataset key of a segment: ``<recording_id>_<segment_index:05d>``."""
     return f"{rec_id}_{segment_index:05d}"
+
+
+def finite_or_none(value: Any) -> float | None:
+    """A finite float, or None for absent, boolean, non-numeric, NaN or infinite values.
+
+    Measurements travel through JSON and Parquet, where "not measured" shows up as None,
+    NaN or a missing key; every reader treats all of them as "not measured".
+
+    >>> [finite_or_none(v) for v in (1, "2.5", None, True, float("nan"), "x")]
+    [1.0, 2.5, None, None, None, None]
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None

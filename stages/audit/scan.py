@@ -26,6 +26,7 @@ import numpy as np
 
 from stages.audit.agg import Example, SetAggregate, TopK
 from stages.quality import audio_fingerprint
+from stages.rows import finite_or_none
 
 #: Semantic tokens per second (GLM-4-Voice Whisper-VQ; kimi_audio.md §2.4).
 TOKEN_RATE_HZ = 12.5
@@ -156,14 +157,7 @@ def source_group(meta: dict[str, Any]) -> str:
     return parent if parent not in ("", ".") else path
 
 
-def _num(v: Any) -> float | None:
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
+_num = finite_or_none
 
 
 def _same(a: Any, b: Any) -> bool:
