@@ -8,27 +8,14 @@ and a region longer than that is cut at its quietest point, never mid-word if a 
 
 from __future__ import annotations
 
-from typing import Literal
+import copy
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from stages.base import STATUS_EMPTY, STATUS_OK, Row, Stage, StageConfig
-
-#: Recording-level fields every segment row inherits.
-RECORDING_FIELDS = (
-    "recording_id",
-    "source",
-    "source_meta",
-    "sample_rate",
-    "loudness_lufs",
-    "orig_sample_rate",
-    "orig_channels",
-    "content_sha256",
-    "provenance",
-    "timings",
-)
-
+from stages.rows import ARRAY_FIELDS
 
 class SegmentConfig(StageConfig):
     """VAD segmentation settings (used while ``diarize`` is disabled)."""
@@ -94,39 +81,58 @@ def split_long(
     return pieces
 
 
-def make_segment_rows(rec: Row, spans: list[tuple[float, float, str | None]]) -> list[Row]:
+def make_segment_rows(
+    rec: Row,
+    spans: list[tuple[float, float, str | None]],
+    extras: list[dict[str, Any]] | None = None,
+    *,
+    empty_reason: str = "no speech found",
+) -> list[Row]:
     """Cut a recording row into segment rows (shared by VAD segmentation and diarization).
+
+    Every non-array field of the recording is inherited; ``duration_s`` becomes the
+    segment's and ``recording_duration_s`` keeps the recording's. Spans are clamped to the
+    audio, empty ones skipped, and the survivors numbered in order.
 
     Args:
         rec: the recording row (``audio`` and maybe ``audio_enhanced`` at ``sample_rate``).
         spans: ``(start_s, end_s, speaker)`` in time order.
+        extras: per-span fields to add (e.g. diarization's overlap flags), parallel to ``spans``.
+        empty_reason: the ``reason`` of the marker row when no span survives.
 
     Returns:
-        Segment rows per ``stages/rows.py``, or one ``status="empty"`` row when ``spans`` is
-        empty, so the writer still learns the recording is finished.
+        Segment rows per ``stages/rows.py``, or one ``status="empty"`` row when nothing is
+        left, so the writer still learns the recording is finished.
     """
-    base = {k: rec[k] for k in RECORDING_FIELDS if k in rec}
-    base["recording_duration_s"] = rec["duration_s"]
-    if not spans:
-        return [{**base, "status": STATUS_EMPTY, "reason": "no speech found", "segment_count": 0}]
+    base = {k: copy.deepcopy(v) for k, v in rec.items() if k not in ARRAY_FIELDS and k != "duration_s"}
+    base["recording_duration_s"] = float(rec["duration_s"])
     sr = int(rec["sample_rate"])
+    audio, enhanced = rec["audio"], rec.get("audio_enhanced")
     rows: list[Row] = []
-    for i, (start, end, speaker) in enumerate(spans):
-        a, b = int(round(start * sr)), int(round(end * sr))
+    for n, (start, end, speaker) in enumerate(spans):
+        a = max(0, int(round(start * sr)))
+        b = min(audio.shape[0], int(round(end * sr)))
+        if b <= a:
+            continue
         row = {
             **base,
+            **(extras[n] if extras else {}),
             "status": STATUS_OK,
-            "segment_index": i,
-            "segment_count": len(spans),
+            "segment_index": len(rows),
             "start_s": a / sr,
             "end_s": b / sr,
             "duration_s": (b - a) / sr,
             "speaker": speaker,
-            "audio": np.ascontiguousarray(rec["audio"][a:b]),
+            "audio": np.array(audio[a:b], dtype=np.float32),
         }
-        if rec.get("audio_enhanced") is not None:
-            row["audio_enhanced"] = np.ascontiguousarray(rec["audio_enhanced"][a:b])
+        if enhanced is not None:
+            row["audio_enhanced"] = np.array(enhanced[a:b], dtype=np.float32)
         rows.append(row)
+    if not rows:
+        return [{**base, "duration_s": base["recording_duration_s"], "status": STATUS_EMPTY,
+                 "reason": empty_reason, "segment_count": 0}]
+    for row in rows:
+        row["segment_count"] = len(rows)
     return rows
 
 

@@ -12,14 +12,13 @@ one ``status="empty"`` row with a ``reason``, so the run summary counts it inste
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from stages.audio import resample
-from stages.base import STATUS_EMPTY, STATUS_OK, Row, Stage, StageConfig, StageError
+from stages.base import Row, Stage, StageConfig, StageError
 from stages.diarize.postprocess import (
     Chunk,
     PostprocessParams,
@@ -28,7 +27,7 @@ from stages.diarize.postprocess import (
     postprocess,
     remove_overlaps,
 )
-from stages.rows import ARRAY_FIELDS
+from stages.segment import make_segment_rows
 
 SAMPLE_RATE = 16000
 
@@ -300,38 +299,11 @@ class DiarizeStage(Stage):
             raise StageError(f"diarize: expected float audio, got {audio.dtype}")
         if audio.size and not np.isfinite(audio).all():
             raise StageError("diarize: audio contains NaN or infinite samples")
-        rec_dur = audio.size / sr
-        base = {k: copy.deepcopy(v) for k, v in row.items() if k not in ARRAY_FIELDS and k != "duration_s"}
-        base["recording_duration_s"] = float(row.get("duration_s") or rec_dur)
         audio16 = resample(audio, sr, SAMPLE_RATE) if sr != SAMPLE_RATE else audio.astype(np.float32, copy=False)
         turns, overlaps, info = self.diarize_audio(audio16) if audio.size else ([], [], {})
         del audio16
-        if not turns:
-            reason = "no speech" if not info.get("dropped_short") else f"no segment >= {c.min_segment_s} s"
-            return [{**base, "duration_s": base["recording_duration_s"], "status": STATUS_EMPTY, "reason": reason}]
-        enhanced = row.get("audio_enhanced")
-        segs: list[Row] = []
-        for i, (t, ov) in enumerate(zip(turns, overlaps, strict=True)):
-            s = max(0, int(round(t.start * sr)))
-            e = min(audio.size, int(round(t.end * sr)))
-            if e <= s:
-                continue
-            seg = copy.deepcopy(base)
-            seg.update(
-                status=STATUS_OK,
-                segment_index=i,
-                start_s=s / sr,
-                end_s=e / sr,
-                duration_s=(e - s) / sr,
-                speaker=f"S{t.speaker}",
-                overlap=bool(ov > 0),
-                overlap_s=float(ov),
-                audio=np.array(row["audio"][s:e], dtype=np.float32),
-            )
-            if enhanced is not None:
-                seg["audio_enhanced"] = np.array(enhanced[s:e], dtype=np.float32)
-            segs.append(seg)
-        for i, seg in enumerate(segs):
-            seg["segment_index"] = i
-            seg["segment_count"] = len(segs)
-        return segs
+        reason = "no speech" if not info.get("dropped_short") else f"no segment >= {c.min_segment_s} s"
+        rec = {**row, "duration_s": float(row.get("duration_s") or audio.size / sr)}
+        spans = [(t.start, t.end, f"S{t.speaker}") for t in turns]
+        extras = [{"overlap": bool(ov > 0), "overlap_s": float(ov)} for ov in overlaps]
+        return make_segment_rows(rec, spans, extras, empty_reason=reason)
