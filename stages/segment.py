@@ -104,7 +104,7 @@ def make_segment_rows(
         Segment rows per ``stages/rows.py``, or one ``status="empty"`` row when nothing is
         left, so the writer still learns the recording is finished.
     """
-    base = {k: copy.deepcopy(v) for k, v in rec.items() if k not in ARRAY_FIELDS and k != "duration_s"}
+    base = {k: v for k, v in rec.items() if k not in ARRAY_FIELDS and k != "duration_s"}
     base["recording_duration_s"] = float(rec["duration_s"])
     sr = int(rec["sample_rate"])
     audio, enhanced = rec["audio"], rec.get("audio_enhanced")
@@ -115,7 +115,7 @@ def make_segment_rows(
         if b <= a:
             continue
         row = {
-            **base,
+            **copy.deepcopy(base),  # segments never share mutable metadata (source_meta, provenance)
             **(extras[n] if extras else {}),
             "status": STATUS_OK,
             "segment_index": len(rows),
@@ -129,7 +129,7 @@ def make_segment_rows(
             row["audio_enhanced"] = np.array(enhanced[a:b], dtype=np.float32)
         rows.append(row)
     if not rows:
-        return [{**base, "duration_s": base["recording_duration_s"], "status": STATUS_EMPTY,
+        return [{**copy.deepcopy(base), "duration_s": base["recording_duration_s"], "status": STATUS_EMPTY,
                  "reason": empty_reason, "segment_count": 0}]
     for row in rows:
         row["segment_count"] = len(rows)
