@@ -5,9 +5,9 @@ Prints, for one run of ``kimia-curate run`` with the local profile:
 * end-to-end real-time factor (wall time / audio time, Ray start-up and model loads included);
 * the ASR stage's real-time factor (its compute time / audio time);
 * the ratio of end-to-end wall time to the bare model compute of the same audio, measured in
-  the same process right after: Silero VAD over every recording, then the same Whisper
-  backend over the same segments in the same batches, with no Ray, no I/O, no encoding.
-  Target: <= 1.3 (the pipeline adds under 30 % on top of the models).
+  the same process right after: every model stage of the same plan (diarization, ASR,
+  quality, ...) over the same rows in the same batches, one after the other, with no Ray,
+  no I/O, no encoding. Target: <= 1.3 (the pipeline adds under 30 % on top of the models).
 
 Usage: python benchmarks/bench_pipeline.py [--minutes 10] [--set transcribe.beam_size=1 ...]
 """
@@ -28,30 +28,31 @@ from corpus import WORK, make_corpus  # noqa: E402
 
 
 def bare_compute(folder: Path, cfg) -> dict[str, float]:
-    """Model-only time for the same audio: decode excluded, VAD + ASR included."""
+    """Model-only time for the same audio, in this process, no Ray, no I/O, no encoding.
+
+    Runs the run's own stage plan on the decoded recordings, stage after stage, each in its
+    configured batch size, and times only the stages that run a model (segmentation or
+    diarization, ASR, tokenizer, quality...). Decode, filter and encode are pipeline work.
+    """
+    from pipeline.run import plan_stages
     from stages.base import StageContext
-    from stages.decode import DecodeStage
-    from stages.segment import SegmentStage
-    from stages.transcribe import build_asr
 
     context = StageContext(cache_dir=Path(cfg.models.cache_dir).expanduser())
-    decode = DecodeStage(cfg.decode, context)
-    recs = [r for f in sorted(folder.glob("*.wav")) for r in decode([{"source": str(f), "status": "ok"}])]
-    seg = SegmentStage(cfg.segment, context)
-    seg.setup()
-    asr = build_asr(cfg.transcribe, context, "cpu")
-    t0 = time.perf_counter()
-    segments = []
-    for r in recs:
-        segments.extend(seg.process_batch([r]))
-    t_vad = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    b = cfg.transcribe.batch_size
-    for i in range(0, len(segments), b):
-        asr.transcribe([s["audio"] for s in segments[i : i + b]], cfg.decode.sample_rate)
-    t_asr = time.perf_counter() - t0
-    audio_s = sum(r["duration_s"] for r in recs)
-    return {"vad_s": t_vad, "asr_s": t_asr, "audio_s": audio_s, "segments": len(segments)}
+    stages = plan_stages(cfg, context)
+    rows = [r for f in sorted(folder.glob("*.wav")) for r in stages[0]([{"source": str(f), "status": "ok"}])]
+    audio_s = sum(r["duration_s"] for r in rows)
+    seconds: dict[str, float] = {}
+    for stage in stages[1:]:
+        if not stage.uses_model:
+            rows = stage(rows)
+            continue
+        stage.setup()
+        stage._ready = True
+        b = stage.config.batch_size
+        t0 = time.perf_counter()
+        rows = [out for i in range(0, len(rows), b) for out in stage(rows[i : i + b])]
+        seconds[stage.name] = time.perf_counter() - t0
+    return {"seconds": seconds, "audio_s": audio_s, "segments": sum(1 for r in rows if r.get("segment_index") is not None)}
 
 
 def main() -> None:
@@ -77,7 +78,8 @@ def main() -> None:
     bare = bare_compute(folder, cfg)
     r = summary["this_run"]
     audio_s = r["hours_in"] * 3600
-    model_s = bare["vad_s"] + bare["asr_s"]
+    model_s = sum(bare["seconds"].values())
+    asr_bare = bare["seconds"].get("transcribe", 0.0)
     print(format_summary(summary))
     print()
     print(f"corpus: {audio_s / 60:.1f} min of speech in {r['recordings']} recordings, {bare['segments']} segments")
@@ -85,8 +87,9 @@ def main() -> None:
           f"batch={cfg.transcribe.batch_size} compute_type={cfg.transcribe.compute_type}")
     print(f"end-to-end wall time            {wall:8.1f} s   RTF {wall / audio_s:.4f}")
     print(f"ASR stage compute (in pipeline) {r['stage_seconds'].get('transcribe', 0):8.1f} s   RTF {r['stage_rtf'].get('transcribe')}")
-    print(f"bare models, same audio         {model_s:8.1f} s   RTF {model_s / audio_s:.4f}  "
-          f"(VAD {bare['vad_s']:.1f} s + ASR {bare['asr_s']:.1f} s, RTF ASR {bare['asr_s'] / audio_s:.4f})")
+    parts = " + ".join(f"{k} {v:.1f} s" for k, v in bare["seconds"].items())
+    print(f"bare models, same audio         {model_s:8.1f} s   RTF {model_s / audio_s:.4f}  ({parts})")
+    print(f"bare ASR alone                  {asr_bare:8.1f} s   RTF {asr_bare / audio_s:.4f}")
     print(f"ratio end-to-end / bare models  {wall / model_s:8.3f}   (target <= 1.3)")
 
 

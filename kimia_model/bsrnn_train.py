@@ -535,6 +535,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, report: Calla
                 dist.broadcast(flag, 0)
                 out_of_time = bool(flag.item())
         if due or out_of_time:
+            metrics: dict[str, float] = {}
             if rank == 0:
                 metrics = evaluate(model, valid_set, loss_fn, opt_cfg.batch_size)
                 history["valid"].append((step, metrics))
@@ -543,12 +544,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, report: Calla
                     best = metrics["si_sdr"]
                     _save_state(best_dir, model, optim, sched, step, best)
                 _save_state(last, model, optim, sched, step, best)
-                if report is not None:
-                    report({"step": step, **metrics})
             if world > 1:
                 import torch.distributed as dist
 
                 dist.barrier()
+            if report is not None:
+                # Ray Train's report is collective: every rank must call it (rank 0's
+                # metrics are the ones kept), or rank 0 waits for the others forever.
+                report({"step": step, **metrics})
         if out_of_time:
             if rank == 0:
                 log(f"stopping after {cfg.max_minutes} min at step {step}")

@@ -18,23 +18,49 @@ from pipeline.config import RunConfig
 def model_refs(cfg: RunConfig) -> list[tuple[str, str]]:
     """``(config key, model reference)`` for every enabled stage that loads weights."""
     refs: list[tuple[str, str]] = []
-    if cfg.segment.enabled:
+    if cfg.diarize.enabled:
+        if cfg.diarize.backend == "offline":
+            refs.append(("diarize.vad", "pkg:silero-vad"))
+            if cfg.diarize.embedding == "resemblyzer":
+                refs.append(("diarize.embedding", "pkg:resemblyzer"))
+    elif cfg.segment.enabled:
         refs.append(("segment.vad", "pkg:silero-vad"))
     if cfg.transcribe.enabled:
         refs.append(("transcribe.model", cfg.transcribe.model))
+    if cfg.roundtrip.enabled:
+        refs.append(("roundtrip.asr.model", cfg.roundtrip.asr.model))
     for section in ("enhance", "diarize", "tokenize", "roundtrip", "quality"):
         stage_cfg = getattr(cfg, section, None)
         if stage_cfg is None or not stage_cfg.enabled:
             continue
-        for key in ("model", "embedding_model", "asr_model", "detokenizer_model", "codebook"):
+        for key in ("model", "embedding_model", "detokenizer_model", "codebook", "features_model"):
             ref = getattr(stage_cfg, key, None)
             if isinstance(ref, str) and ref:
                 refs.append((f"{section}.{key}", ref))
     return refs
 
 
+def _stage_advice(cfg: RunConfig) -> dict[str, str]:
+    """Each enabled stage's own ``check()`` message: it says how to stage what is missing."""
+    from pipeline.run import plan_stages
+    from stages.base import StageContext
+
+    advice: dict[str, str] = {}
+    try:
+        stages = plan_stages(cfg, StageContext(cache_dir=Path(cfg.models.cache_dir).expanduser()))
+    except Exception:  # noqa: BLE001 - listing must work even for a plan that cannot run
+        return advice
+    for stage in stages:
+        try:
+            stage.check()
+        except Exception as exc:  # noqa: BLE001
+            advice[stage.name] = str(exc)
+    return advice
+
+
 def list_models(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
     cache = Path(cfg.models.cache_dir).expanduser()
+    advice = _stage_advice(cfg)
     rows = []
     for key, ref in model_refs(cfg):
         row = {"key": key, "ref": ref, "status": "missing", "detail": ""}
@@ -50,6 +76,8 @@ def list_models(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
                 path = resolve(ref, key, how="", cache_dir=cache, cache_subdir=subdir, suffixes=(".pt",))
                 row.update(status="present", detail=str(path))
         except ModelNotFoundError as exc:
-            row["detail"] = str(exc)
+            own = advice.get(key.split(".")[0], "")
+            # The stage's message says how to stage the files; use it when it is about this key.
+            row["detail"] = own if f"`{key}`" in own else f"{exc}Stage the files there or point {key} elsewhere."
         rows.append(row)
     return rows

@@ -61,6 +61,9 @@ def test_output_layout_and_inspect(finished_run: Path) -> None:
     assert report["ok"], report["findings"]
     assert report["recordings"] == 5  # 3 clips, the conversation, the meeting
     assert main(["inspect", str(finished_run)]) == 0
+    rows = _index_rows(finished_run)
+    assert all({"audio.flac", "enhanced.flac", "json"} <= set(r["members"]) for r in rows)
+    assert all(set(json.loads(r["provenance"])) >= {"decode", "enhance", "diarize", "transcribe"} for r in rows)
 
 
 def test_transcripts_match_references(finished_run: Path, english_clips) -> None:

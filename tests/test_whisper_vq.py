@@ -311,8 +311,13 @@ def test_kmeans_recovers_clusters_and_reports_usage() -> None:
     assert reservoir(iter(data), 100, seed=0).shape == (100, 4)
     with pytest.raises(ValueError, match="only 2400 feature vectors"):
         fit_kmeans(iter(data), 5000)
-    with pytest.raises(RuntimeError, match="not initialised"):
-        fit_kmeans(iter(data), 8, use_ray=True)
+    import ray
+
+    if ray.is_initialized():  # another test started Ray in this session: the Ray path must agree
+        assert fit_kmeans(iter(data), 8, batch_size=256, iterations=40, seed=1, use_ray=True).usage == 1.0
+    else:
+        with pytest.raises(RuntimeError, match="not initialised"):
+            fit_kmeans(iter(data), 8, use_ray=True)
 
 
 def test_fit_codebook_writes_what_the_tokenizer_loads(tmp_path: Path) -> None:

@@ -1,0 +1,128 @@
+"""ASR on diarization turns: packed 30 s windows vs one window per turn, and a reference.
+
+Diarization hands the transcribe stage many short speaker turns (2-6 s). Padding each to its
+own 30 s Whisper window makes the encoder do 5-15x the work the speech needs; packing several
+turns into one window (``transcribe.pack_windows``) removes most of it. This script measures
+both on espeak-ng conversations with known turns and text (``benchmarks/corpus.py``), cutting
+each turn as one segment, and runs faster-whisper's own ``BatchedInferencePipeline`` (Silero
+VAD, batch 8) on the whole recordings as the speed to beat (DESIGN §10: RTF 0.09 with base).
+
+    .venv/bin/python benchmarks/bench_asr_packing.py                 # ~3 min of audio
+    .venv/bin/python benchmarks/bench_asr_packing.py --minutes 1 --batch 16
+
+Every mode uses the same CTranslate2 weights (pkg:whisper-base, int8, beam 5, 2 threads) and
+detects the language itself. Real-time factor = wall time / seconds of recordings (the turns
+cover most of each recording, minus the pauses). WER is corpus-level: every turn's
+``stages.textnorm.wer`` weighted by its reference word count. The machine is shared, so
+figures move with other load; the modes run back to back to be comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corpus import make_corpus  # noqa: E402
+
+from stages.audio import resample  # noqa: E402
+from stages.base import StageContext  # noqa: E402
+from stages.textnorm import normalize_text, wer  # noqa: E402
+from stages.transcribe import TranscribeConfig, build_asr, resolve_asr_model  # noqa: E402
+
+SR = 16000
+
+
+def corpus_wer(refs: list[str], hyps: list[str]) -> float:
+    """Total word errors over total reference words, from per-item ``stages.textnorm.wer``."""
+    words = np.array([len(normalize_text(r).split()) for r in refs], dtype=np.float64)
+    rates = np.array([wer(r, h) for r, h in zip(refs, hyps)])
+    return float((rates * words).sum() / words.sum())
+
+
+def load(minutes: float, seed: int) -> tuple[list[np.ndarray], list[list[tuple[np.ndarray, str]]]]:
+    """Recordings at 16 kHz and, per recording, its turns cut as (audio, text)."""
+    folder, meta = make_corpus(minutes=minutes, seed=seed, name=f"asr-packing-{minutes:g}min-{seed}")
+    recordings, turns = [], []
+    for rec in meta:
+        audio, sr = sf.read(folder / rec["file"], dtype="float32")
+        audio = resample(audio, sr, SR)
+        recordings.append(audio)
+        turns.append([(audio[int(s * SR) : int(e * SR)], text) for s, e, _voice, text in rec["turns"]])
+    return recordings, turns
+
+
+def run_segments(pack: bool, segments: list[np.ndarray], batch: int, threads: int) -> tuple[list[dict], float]:
+    cfg = TranscribeConfig(model="pkg:whisper-base", compute_type="int8", beam_size=5,
+                           cpu_threads=threads, pack_windows=pack)
+    asr = build_asr(cfg, StageContext())
+    asr.transcribe(segments[:2], SR)  # warm-up: first call allocates
+    t0 = time.perf_counter()
+    out: list[dict] = []
+    for i in range(0, len(segments), batch):  # as the stage sees them: batch_size rows per call
+        out += asr.transcribe(segments[i : i + batch], SR)
+    return out, time.perf_counter() - t0
+
+
+def run_batched_pipeline(recordings: list[np.ndarray], threads: int) -> tuple[list[str], float]:
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    path = resolve_asr_model(TranscribeConfig(model="pkg:whisper-base"), StageContext())
+    model = WhisperModel(str(path), device="cpu", compute_type="int8", cpu_threads=threads)
+    pipe = BatchedInferencePipeline(model)
+    list(pipe.transcribe(recordings[0][: 5 * SR], batch_size=8, beam_size=5)[0])  # warm-up
+    t0 = time.perf_counter()
+    texts = []
+    for audio in recordings:
+        segments, _info = pipe.transcribe(audio, batch_size=8, beam_size=5)
+        texts.append(" ".join(s.text.strip() for s in segments))
+    return texts, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--minutes", type=float, default=3.0, help="audio to generate (espeak-ng, cached)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=32, help="segments per transcribe() call (stage batch_size)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    recordings, turns = load(args.minutes, args.seed)
+    segments = [a for rec in turns for a, _ in rec]
+    refs = [t for rec in turns for _, t in rec]
+    total_s = sum(len(a) for a in recordings) / SR
+    speech_s = sum(len(a) for a in segments) / SR
+    lens = np.array([len(a) / SR for a in segments])
+    print(f"{len(recordings)} recordings, {total_s:.1f} s; {len(segments)} turns, {speech_s:.1f} s "
+          f"(turn length {lens.min():.1f}-{lens.max():.1f} s, median {np.median(lens):.1f} s); "
+          f"whisper-base int8 beam 5, {args.threads} threads, {args.batch} segments per call")
+
+    rows = []
+    for name, pack in (("unpacked (1 window/turn)", False), ("packed windows", True)):
+        out, dt = run_segments(pack, segments, args.batch, args.threads)
+        hyps = [o["text"] for o in out]
+        langs = sorted({o["language"] for o in out})
+        rows.append((name, dt, corpus_wer(refs, hyps), f"languages {langs}"))
+        bad = [(r, h) for r, h in zip(refs, hyps) if wer(r, h) > 0.2]
+        for r, h in bad[:3]:
+            print(f"  {name}: WER>0.2  ref={r!r}\n  {' ' * len(name)}           hyp={h!r}")
+    texts, dt = run_batched_pipeline(recordings, args.threads)
+    rec_refs = [" ".join(t for _, t in rec) for rec in turns]
+    rows.append(("faster-whisper BatchedInferencePipeline (whole recordings)", dt, corpus_wer(rec_refs, texts), ""))
+
+    print(f"{'mode':60s} {'wall s':>7s} {'RTF':>7s} {'RTF/speech':>10s} {'WER':>7s}")
+    for name, dt, w, note in rows:
+        print(f"{name:60s} {dt:7.2f} {dt / total_s:7.4f} {dt / speech_s:10.4f} {w:7.4f}  {note}")
+    print(f"speed-up packed vs unpacked: {rows[0][1] / rows[1][1]:.2f}x; "
+          f"packed vs BatchedInferencePipeline: {rows[2][1] / rows[1][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
