@@ -21,6 +21,7 @@ same way Whisper's own fallback logic measures them).
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -72,14 +73,23 @@ class TranscribeConfig(StageConfig):
         description="Silence (s) between packed segments: room for the aligner to put word boundaries "
         "in, and a pause Whisper reads as a sentence break. Larger = fewer segments per window.",
     )
+    pack_timestamps: bool = Field(
+        False,
+        description="Decode packed windows in Whisper's timestamp mode. Off by default: measured on "
+        "espeak-ng turns it was ~25% slower (timestamp tokens) and, as in long-form transcription, "
+        "sometimes deferred a window's last utterance to a next window, leaving it to the "
+        "re-decode fallback; word timing comes from alignment either way.",
+    )
     detect_window_s: float = Field(
-        10.0,
+        8.0,
         ge=2.0,
         le=30.0,
         description="Packed mode, multilingual model, no forced language: each segment's language is "
-        "detected on an encoder pass over only its first detect_window_s seconds (cost ~1/6 of a full "
-        "window at 10 s); it picked the same language as a full 30 s window on 25 of the 27 "
-        "pytest-audioeval clips (9 languages) and was equally often right (23/27).",
+        "detected on an encoder pass over its first detect_window_s seconds (features zero-padded), "
+        "costing ~0.15 of a 30 s pass at 8 s. Measured with whisper-base: at 8-10 s, 43/43 espeak-ng "
+        "turns English and 23/27 pytest-audioeval clips (9 languages) right, the same as full 30 s "
+        "windows; at 6 s two turns became Latin, at 3-4 s up to 12 became Finnish etc. (the encoder "
+        "needs context). Setting `language` skips detection.",
     )
     input_stream: Literal["original", "enhanced"] = Field(
         "original", description="Which audio stream the ASR hears."
@@ -324,11 +334,7 @@ class FasterWhisperBackend:
             return [self.config.language] * n, [None] * n
         samples = int(self.config.detect_window_s * ASR_SAMPLE_RATE)
         frames = samples // self.features.hop_length
-        mels = []
-        for clip in clips:
-            crop = np.zeros(samples, np.float32)
-            crop[: min(len(clip), samples)] = clip[:samples]
-            mels.append(self._mel(crop, frames))
+        mels = [self._mel(clip[:samples], frames) for clip in clips]
         detected = self.model.detect_language(self.model.encode(self._storage(mels), to_cpu=False))
         return [d[0][0][2:-2] for d in detected], [float(d[0][1]) for d in detected]
 
@@ -340,8 +346,8 @@ class FasterWhisperBackend:
         1. language per segment (:meth:`_detect_languages`); segments are grouped by language
            (input order kept within a group) so that every window is decoded with the right
            language token, then packed with ``pack_gap_s`` of silence between segments;
-        2. encode the windows, decode them with timestamps (Whisper's long-form mode, the one
-           trained on several utterances per window);
+        2. encode the windows and decode them (without timestamp tokens unless
+           ``pack_timestamps``: the word times come from step 3, not from the decoder);
         3. align the decoded text tokens to the audio (CTranslate2 cross-attention DTW, one call
            per language because the start sequence is shared) and give each word to a segment
            with :func:`assign_words`.
@@ -351,10 +357,11 @@ class FasterWhisperBackend:
         window's transcript; timestamp tokens are not scored). ``no_speech_prob`` is the
         window's: Whisper computes it once, at the first decoding step, so it describes the
         window, and a silent segment packed with speech gets a low value (it still gets empty
-        text). A segment left with no words keeps the window's ``avg_logprob`` too.
+        text). A segment left with no words is decoded again alone (unpacked path), so its
+        fields are then exactly the unpacked ones.
         """
         languages, lang_probs = self._detect_languages(clips)
-        gap = int(round(self.config.pack_gap_s * ASR_SAMPLE_RATE))
+        gap = round(self.config.pack_gap_s * ASR_SAMPLE_RATE)
         groups: dict[str | None, list[int]] = {}
         for i, lang in enumerate(languages):
             groups.setdefault(lang, []).append(i)
@@ -370,8 +377,10 @@ class FasterWhisperBackend:
 
         mels = []
         for _, members, spans in windows:
-            # Silence is zeros in the waveform, before the log-mel, as Whisper pads its windows.
-            buf = np.zeros(WINDOW_SAMPLES, np.float32)
+            # Gaps are digital silence in the waveform; after the last segment the features are
+            # zero-padded exactly as in the unpacked path (and faster-whisper), so a segment
+            # alone in its window sees the same input as unpacked.
+            buf = np.zeros(spans[-1][1], np.float32)
             for m, (a, b) in zip(members, spans):
                 buf[a:b] = clips[m]
             mels.append(self._mel(buf, self.n_frames))
@@ -379,7 +388,10 @@ class FasterWhisperBackend:
         encoded = self.model.encode(self._storage(mels), to_cpu=several_languages)
 
         toks = {lang: self._tokenizer(lang) for lang in groups}
-        prompts = [list(toks[lang].sot_sequence) for lang, _, _ in windows]  # no <|notimestamps|>
+        prompts = [
+            list(toks[lang].sot_sequence) + ([] if self.config.pack_timestamps else [toks[lang].no_timestamps])
+            for lang, _, _ in windows
+        ]
         most = max(len(members) for _, members, _ in windows)
         # Each segment keeps the token budget it had alone, within the decoder's context.
         budget = min(self.config.max_new_tokens * most, MAX_DECODER_LENGTH - len(prompts[0]))
@@ -431,6 +443,13 @@ class FasterWhisperBackend:
                     "no_speech_prob": float(results[w].no_speech_prob),
                     "compression_ratio": compression_ratio(text),
                 }
+        # Whisper may leave a segment of a window untranscribed (in timestamp mode it "defers" a
+        # last utterance to a next window that never comes); such a segment is decoded again on
+        # its own window, so packing never silently loses speech. Silent segments pay for this.
+        empty = [i for i, o in enumerate(out) if o is not None and not o["text"]]
+        if empty:
+            for i, res in zip(empty, self._transcribe_unpacked([clips[i] for i in empty])):
+                out[i] = res
         return out  # type: ignore[return-value]
 
     def _split_words(
@@ -453,7 +472,7 @@ class FasterWhisperBackend:
             token_start = np.zeros(n + 1)
         probs = np.clip(np.asarray(alignment.text_token_probs, dtype=np.float64), 1e-10, 1.0)
         bounds = np.concatenate([[0], np.cumsum([len(t) for t in word_tokens])]).astype(int)
-        times = [(float(token_start[b0]), float(token_start[b1])) for b0, b1 in zip(bounds[:-1], bounds[1:])]
+        times = [(float(token_start[b0]), float(token_start[b1])) for b0, b1 in itertools.pairwise(bounds)]
         owner = assign_words(times, spans)
         # Closing punctuation is written as its own word but belongs with the word it closes;
         # its DTW time sits at the pause, so it follows its predecessor instead of its own time.

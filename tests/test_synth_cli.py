@@ -17,7 +17,8 @@ def test_synth_writes_verified_shards_and_resumes(tmp_path: Path, capsys) -> Non
     texts = tmp_path / "texts.jsonl"
     texts.write_text("\n".join([
         json.dumps({"id": "a", "text": "Please send me the report before the meeting on Friday."}),
-        json.dumps({"id": "b", "text": "The weather is lovely today and the park is full of people."}),
+        # Chinese characters read by an English voice: espeak says "chinese letter", never the text.
+        json.dumps({"id": "b", "text": "\u5929\u5730\u7384\u9ec4\u5b87\u5b99\u6d2a\u8352"}),
         json.dumps({"id": "c", "text": "\u266a"}),  # no words: counted, not spoken
         "not json",
         json.dumps({"id": "d", "text": "Please send me the report before the meeting on Friday.", "voice": "en+f3"}),
@@ -26,7 +27,6 @@ def test_synth_writes_verified_shards_and_resumes(tmp_path: Path, capsys) -> Non
     args = ["synth", "--config", str(ROOT / "configs" / "local.yaml"), "--texts", str(texts),
             "--output", str(out), "--voices", "en-us,en+f3", "-q"]
     assert main(args) == 0
-    # espeak-ng's en+f3 "weather is lovely" is heard as "when the misery tonight": dropped.
     assert "5 lines, 3 utterances spoken, 2 kept" in capsys.readouterr().out
     assert inspect_output(out)["ok"]
     rows = pq.read_table(out / "index" / "shard-000000.parquet").to_pylist()

@@ -9,16 +9,18 @@ import torch
 
 from kimia_model.refs import ModelNotFoundError
 from stages.base import StageContext
+from stages.textnorm import normalize_text
+from stages.textnorm import wer as _wer
 from stages.transcribe import (
+    WINDOW_SAMPLES,
     TranscribeConfig,
     TranscribeStage,
+    assign_words,
     build_asr,
     compression_ratio,
     load_openai_whisper,
+    plan_windows,
 )
-
-
-from stages.textnorm import wer as _wer
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +41,16 @@ def test_whisper_base_transcribes_reference_clips(base_asr, english_clips) -> No
 
 
 def test_batched_equals_one_by_one(base_asr, english_clips) -> None:
+    # Exact batch invariance holds for one window per segment only: a packed segment's text
+    # depends on its window neighbours ("1, 2, 3" vs "1-2-3"), so packing is compared on
+    # normalised words instead.
+    unpacked = build_asr(TranscribeConfig(model="pkg:whisper-base", pack_windows=False), StageContext())
     audios = [sf.read(p, dtype="float32")[0] for p, _ in english_clips]
-    together = [r["text"] for r in base_asr.transcribe(audios, 16000)]
-    alone = [base_asr.transcribe([a], 16000)[0]["text"] for a in audios]
+    together = [r["text"] for r in unpacked.transcribe(audios, 16000)]
+    alone = [unpacked.transcribe([a], 16000)[0]["text"] for a in audios]
     assert together == alone
+    packed = [r["text"] for r in base_asr.transcribe(audios, 16000)]
+    assert all(_wer(a, p) == 0.0 for a, p in zip(alone, packed)), (alone, packed)
 
 
 def test_other_sample_rates_are_resampled(base_asr, english_clips) -> None:
@@ -133,3 +141,113 @@ def test_incomplete_ct2_directory(tmp_path: Path) -> None:
     (tmp_path / "m" / "model.bin").write_bytes(b"x")
     with pytest.raises(ModelNotFoundError, match="config.json"):
         TranscribeStage(TranscribeConfig(model=str(tmp_path / "m"))).check()
+
+
+# --- packed windows (pack_windows) -------------------------------------------------------------
+
+# Recorded from the path before packing existed (commit 9c1ab4b): pack_windows=false must
+# keep producing exactly these.
+_UNPACKED_TEXTS = {
+    "counting.wav": "1-2-3-4-5-6-7-8-9-10",
+    "hello_world.wav": "Hello world.",
+    "quick_brown_fox.wav": "The quick brown fox jumps over the lazy dog.",
+}
+
+
+def _spoken(tmp_path: Path, text: str, voice: str) -> np.ndarray:
+    import shutil
+    import subprocess
+
+    import soxr
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    wav = tmp_path / f"{abs(hash(text))}.wav"
+    subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "-w", str(wav), text], check=True, capture_output=True)
+    audio, sr = sf.read(wav, dtype="float32")
+    return soxr.resample(audio, sr, 16000).astype(np.float32)
+
+
+def test_plan_windows_is_greedy_in_order_and_never_splits() -> None:
+    # 10 + 1 + 10 + 1 + 10 > 30: the third segment opens a new window.
+    assert plan_windows([10, 10, 10, 5], window=30, gap=1) == [[0, 1], [2, 3]]
+    assert plan_windows([14, 15], window=30, gap=1) == [[0, 1]]  # exactly full
+    assert plan_windows([14, 16], window=30, gap=1) == [[0], [1]]
+    assert plan_windows([30, 1, 40, 2], window=30, gap=1) == [[0], [1], [2], [3]]  # order kept
+    assert plan_windows([], window=30, gap=1) == []
+
+
+def test_assign_words_by_overlap_then_nearest() -> None:
+    spans = [(0.0, 3.0), (4.0, 7.0)]
+    # Inside each span; a last word stretched over the gap stays with the speech it overlaps;
+    # a first word pulled back into the gap too; a word wholly in the gap goes to the nearer.
+    words = [(0.5, 1.0), (2.6, 3.9), (3.2, 4.3), (5.0, 5.5)]
+    assert assign_words(words, spans) == [0, 0, 1, 1]
+    assert assign_words([(3.1, 3.3), (3.7, 3.9)], spans) == [0, 1]
+    # Never goes back to an earlier segment: Whisper writes the window in time order.
+    assert assign_words([(5.0, 5.5), (1.0, 1.5)], spans) == [1, 1]
+
+
+def test_packed_window_gives_each_segment_its_own_words(base_asr, english_clips, tmp_path: Path) -> None:
+    clips = {p.name: (sf.read(p, dtype="float32")[0], ref) for p, ref in english_clips}
+    extra = [
+        ("The library will be closed on Monday because of the national holiday.", "en+f3"),
+        ("When the network fails, the job can be started again without losing finished work.", "en-us+m3"),
+    ]
+    items = [clips["quick_brown_fox.wav"], clips["hello_world.wav"]]
+    items += [(_spoken(tmp_path, t, v), t) for t, v in extra] + [clips["counting.wav"]]
+    audios, refs = [a for a, _ in items], [r for _, r in items]
+    assert plan_windows([len(a) for a in audios], WINDOW_SAMPLES, 16000) == [[0, 1, 2, 3, 4]]  # one window
+    results = base_asr.transcribe(audios, 16000)
+    vocab = [set(normalize_text(r).split()) for r in refs]
+    for k, (ref, res) in enumerate(zip(refs, results)):
+        assert _wer(ref, res["text"]) <= 0.1, (ref, res["text"])
+        foreign = set().union(*(v for j, v in enumerate(vocab) if j != k)) - vocab[k]
+        assert not set(normalize_text(res["text"]).split()) & foreign, (ref, res["text"])
+        assert res["language"] == "en" and res["language_prob"] > 0.5
+        assert -1.0 < res["avg_logprob"] <= 0.0 and 0.0 <= res["no_speech_prob"] < 0.5
+        assert res["compression_ratio"] == compression_ratio(res["text"])
+    # The window's no_speech_prob is shared; avg_logprob is each segment's own.
+    assert len({r["no_speech_prob"] for r in results}) == 1
+    assert len({r["avg_logprob"] for r in results}) == len(results)
+    # Reversed order: every segment still gets its own words (assignment follows the audio).
+    back = base_asr.transcribe(audios[::-1], 16000)[::-1]
+    for ref, res in zip(refs, back):
+        assert _wer(ref, res["text"]) <= 0.1, (ref, res["text"])
+
+
+def test_unpacked_path_is_unchanged(english_clips) -> None:
+    asr = build_asr(TranscribeConfig(model="pkg:whisper-base", pack_windows=False), StageContext())
+    audios = [sf.read(p, dtype="float32")[0] for p, _ in english_clips]
+    together = asr.transcribe(audios, 16000)
+    assert {p.name: r["text"] for (p, _), r in zip(english_clips, together)} == _UNPACKED_TEXTS
+    # One window per segment: results do not depend on what else is in the batch.
+    assert asr.transcribe(audios[1:2], 16000) == together[1:2]
+
+
+def test_mixed_languages_keep_per_segment_language(base_asr, audioeval_dir: Path) -> None:
+    names = ["en/quick_brown_fox", "es/hola_mundo", "en/counting", "es/pangrama"]
+    audios = [sf.read(audioeval_dir / f"{n}.wav", dtype="float32")[0] for n in names]
+    results = base_asr.transcribe(audios, 16000)
+    assert [r["language"] for r in results] == ["en", "es", "en", "es"]
+    assert _wer("The quick brown fox jumps over the lazy dog.", results[0]["text"]) <= 0.1
+    assert _wer("One two three four five six seven eight nine ten.", results[2]["text"]) <= 0.1
+    assert "mundo" in results[1]["text"].lower() and "kiwi" in results[3]["text"].lower()
+    # A forced language skips detection and applies to every segment.
+    forced = build_asr(TranscribeConfig(model="pkg:whisper-base", language="es"), StageContext())
+    assert {r["language"] for r in forced.transcribe(audios[1:2], 16000)} == {"es"}
+
+
+def test_long_and_silent_segments_fall_back_to_their_own_window(english_clips) -> None:
+    fox = sf.read(english_clips[2][0], dtype="float32")[0]
+    long = np.concatenate([fox, np.zeros(WINDOW_SAMPLES, np.float32)])  # > 30 s: truncated, alone
+    silence = np.zeros(32000, np.float32)
+    # Forced language: a detected one would put the silence in a window of its own.
+    cfg = TranscribeConfig(model="pkg:whisper-base", language="en")
+    packed = build_asr(cfg, StageContext()).transcribe([fox, long, silence], 16000)
+    unpacked = build_asr(cfg.model_copy(update={"pack_windows": False}), StageContext())
+    assert packed[1] == unpacked.transcribe([long], 16000)[0]
+    # Silence gets no words in the packed window, so it is decoded again alone (where Whisper
+    # may well hallucinate, but then its no_speech_prob is its own).
+    assert packed[2] == unpacked.transcribe([silence], 16000)[0]
+    assert _wer(english_clips[2][1], packed[0]["text"]) <= 0.1
