@@ -131,8 +131,13 @@ def make_segment_rows(
     if not rows:
         return [{**copy.deepcopy(base), "duration_s": base["recording_duration_s"], "status": STATUS_EMPTY,
                  "reason": empty_reason, "segment_count": 0}]
+    # Recording-level compute time (decode, enhance) is shared out by duration, so that summing
+    # over a recording's segments gives it back once, not once per segment.
+    total = sum(r["duration_s"] for r in rows)
     for row in rows:
         row["segment_count"] = len(rows)
+        share = row["duration_s"] / total if total else 1.0 / len(rows)
+        row["timings"] = {k: v * share for k, v in (rec.get("timings") or {}).items()}
     return rows
 
 

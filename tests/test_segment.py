@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from stages.base import STATUS_EMPTY, STATUS_OK
@@ -39,6 +40,7 @@ def test_split_long_without_pauses_still_bounds_length() -> None:
 def test_segment_rows_slice_both_streams() -> None:
     rec = {
         "recording_id": "r", "source": "s", "sample_rate": 10, "duration_s": 10.0, "status": STATUS_OK,
+        "timings": {"decode": 2.0, "enhance": 7.0},
         "audio": np.arange(100, dtype=np.float32), "audio_enhanced": -np.arange(100, dtype=np.float32),
     }
     rows = make_segment_rows(rec, [(1.0, 2.0, "S0"), (5.0, 7.5, "S1")])
@@ -47,6 +49,9 @@ def test_segment_rows_slice_both_streams() -> None:
     assert rows[1]["audio"].tolist() == list(range(50, 75))
     assert rows[1]["audio_enhanced"].tolist() == [-x for x in range(50, 75)]
     assert rows[1]["duration_s"] == 2.5 and rows[1]["recording_duration_s"] == 10.0
+    # recording-level compute time is shared out, never counted once per segment
+    assert sum(r["timings"]["enhance"] for r in rows) == pytest.approx(7.0)
+    assert rows[1]["timings"]["decode"] == pytest.approx(2.0 * 2.5 / 3.5)
     (empty,) = make_segment_rows(rec, [])
     assert empty["status"] == STATUS_EMPTY and empty["segment_count"] == 0
 
