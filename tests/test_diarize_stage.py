@@ -139,11 +139,19 @@ def test_other_sample_rate_and_enhanced_stream():
 
     a24 = resample(a16, SR, 24000)
     silent = np.zeros_like(a24)  # the original stream is silent, the enhanced one is not
-    rows = stage(input_stream="enhanced")([recording(silent, 24000, audio_enhanced=a24)])
+    # 6 s of speech is below the default min_windows_to_split; this test is about rates and streams.
+    rows = stage(input_stream="enhanced", min_windows_to_split=2)([recording(silent, 24000, audio_enhanced=a24)])
     assert [r["speaker"] for r in rows] == ["S0", "S1"]
     r = rows[1]
     a, b = round(r["start_s"] * 24000), round(r["end_s"] * 24000)
     assert r["audio"].size == b - a and np.array_equal(r["audio_enhanced"], a24[a:b])
+
+
+def test_too_little_speech_to_count_speakers_is_one_speaker():
+    """Two voices in 6 s of speech: too few windows to count speakers, so one speaker, not five."""
+    a16 = conversation([(0.5, 3.0, 120), (4.0, 3.0, 400)], 8.0)
+    assert {r["speaker"] for r in stage()([recording(a16)])} == {"S0"}
+    assert {r["speaker"] for r in stage(min_windows_to_split=2)([recording(a16)])} == {"S0", "S1"}
 
 
 def test_no_speech_gives_one_empty_row():

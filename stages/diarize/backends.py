@@ -84,6 +84,10 @@ def sliding_windows(
             yield ri, b - window_s, b
 
 
+#: Fewest neighbours each window keeps in the pruned affinity graph.
+MIN_NEIGHBOURS = 8
+
+
 def spectral_cluster(
     embeddings: np.ndarray,
     min_speakers: int = 1,
@@ -114,7 +118,11 @@ def spectral_cluster(
         return np.zeros(n, int)
     x = l2_normalize(embeddings)
     sim = x @ x.T
-    keep = max(2, int(math.ceil(pruning * n)))
+    # At least MIN_NEIGHBOURS neighbours per row: on a short recording (a handful of windows)
+    # a 20 % pruning leaves one or two links per window, the graph falls apart into fragments
+    # and the eigengap reports one "speaker" per fragment (a 6 s single-voice file came out as
+    # five speakers).
+    keep = min(n - 1, max(MIN_NEIGHBOURS, int(math.ceil(pruning * n))))
     # Row-wise keep the `keep` largest similarities; argpartition is O(N) per row.
     idx = np.argpartition(-sim, keep - 1, axis=1)[:, :keep]
     aff = np.zeros_like(sim)
@@ -151,6 +159,7 @@ class OfflineParams:
     num_speakers: int | None = None
     pruning: float = 0.2
     max_cluster_windows: int = 2000
+    min_windows_to_split: int = 12
     center: bool = True
     vad_threshold: float = 0.5
     vad_min_speech_s: float = 0.25
@@ -212,6 +221,8 @@ class OfflineBackend:
             # separates the speakers (DESIGN §9).
             x = l2_normalize(x - x.mean(axis=0, keepdims=True))
         n = x.shape[0]
+        if n < p.min_windows_to_split and not p.num_speakers:
+            return np.zeros(n, int)
         if n <= p.max_cluster_windows:
             return spectral_cluster(x, p.min_speakers, p.max_speakers, p.pruning, p.num_speakers)
         # A seeded random subset, not an even stride: a stride can alias with regular

@@ -76,6 +76,12 @@ class DiarizeConfig(StageConfig):
     pruning: float = Field(
         0.2, gt=0.0, le=1.0, description="Spectral clustering: fraction of strongest affinities kept per row."
     )
+    min_windows_to_split: int = Field(
+        12, ge=2, le=10000,
+        description="offline: recordings with fewer speech windows (12 = about 9.75 s of speech at the "
+        "default 1.5 s / 0.75 s windows) are one speaker: too few windows to count speakers reliably "
+        "(a 6 s single-voice clip otherwise splits into several speakers).",
+    )
     max_cluster_windows: int = Field(
         2000, ge=10, le=20000, description="Affinity matrix size cap (memory O(n^2)); the rest join centroids."
     )
@@ -137,6 +143,7 @@ class DiarizeConfig(StageConfig):
             num_speakers=self.num_speakers,
             pruning=self.pruning,
             max_cluster_windows=self.max_cluster_windows,
+            min_windows_to_split=self.min_windows_to_split,
             center=self.center,
             vad_threshold=self.vad_threshold,
             vad_min_speech_s=self.vad_min_speech_s,
