@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimia_model.checkpoint import load_state_checked
+
 #: Keys of upstream's config.json that the generator reads; the rest (training settings,
 #: segment sizes, discriminator options) are carried along untouched.
 _GENERATOR_KEYS = (
@@ -472,21 +474,4 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     Keys ending in ``optional_suffixes`` (derived buffers such as fixed filters) may be absent:
     the freshly computed values are kept.
     """
-    own = model.state_dict()
-    missing_keys = [k for k in own if k not in state and not k.endswith(optional_suffixes)]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing_keys or unexpected or mismatched:
-        parts = []
-        if missing_keys:
-            parts.append(f"missing {missing_keys[:20]}{' ...' if len(missing_keys) > 20 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
-        if mismatched:
-            parts.append(f"shape mismatch {mismatched[:20]}")
-        raise ValueError(f"{source} does not match the model config: " + "; ".join(parts))
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    load_state_checked(model, state, source, optional=lambda k: k.endswith(optional_suffixes) if optional_suffixes else False)

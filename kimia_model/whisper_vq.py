@@ -48,6 +48,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
+
+from kimia_model.checkpoint import CheckpointError as BaseCheckpointError
+from kimia_model.checkpoint import load_state_checked
 from torch.nn import functional as F
 
 SAMPLE_RATE = 16_000
@@ -64,7 +67,7 @@ POOL = 4
 PaddingMode = Literal["multiple", "full"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BaseCheckpointError):
     """A checkpoint or codebook does not fit the configuration it is loaded with."""
 
 
@@ -515,28 +518,10 @@ class WhisperVQEncoder(nn.Module):
 
 
 def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` with every key and shape checked, and one readable error if they differ."""
-    want = model.state_dict()
-    # EMA statistics only matter for training the codebook; a checkpoint may leave them out.
-    optional = {"ema_count", "ema_weight"}
-    missing = [k for k in want if k not in state and k not in optional]
-    unexpected = [k for k in state if k not in want]
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(want[k].shape)}"
-        for k in want
-        if k in state and tuple(state[k].shape) != tuple(want[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append(f"shape mismatch ({len(shapes)}): " + "; ".join(shapes[:3]))
-        if missing:
-            parts.append(f"missing ({len(missing)}): " + ", ".join(missing[:5]))
-        if unexpected:
-            parts.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected[:5]))
-        raise CheckpointError(f"{source} does not match its config: " + " | ".join(parts))
-    # Keys were checked above; strict=False only lets the optional EMA buffers keep their init.
-    model.load_state_dict({k: v.to(want[k].dtype) for k, v in state.items()}, strict=False)
+    """Load with every key and shape checked; EMA statistics only matter for training the
+    codebook, so a checkpoint may leave them out."""
+    load_state_checked(model, state, source, optional=lambda k: k in ("ema_count", "ema_weight"),
+                       error=CheckpointError)
 
 
 def _read_safetensors_dir(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
