@@ -83,7 +83,9 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from stages.base import Row, Stage, StageConfig
+from stages.quality import QUALITY_FIELDS
 from stages.rows import finite_or_none, sample_key
+from stages.transcribe import TRANSCRIPT_FIELDS
 
 KEEP = "keep"
 DROP = "drop"
@@ -318,27 +320,9 @@ class FilterStage(Stage):
     """Set ``verdict`` and ``drop_reasons`` on every segment row (see the module docstring)."""
 
     name: ClassVar[str] = "filter"
-    reads: ClassVar[tuple[str, ...]] = (
-        "duration_s",
-        "language",
-        "language_prob",
-        "avg_logprob",
-        "no_speech_prob",
-        "compression_ratio",
-        "text",
-        "snr_db",
-        "dnsmos_ovrl",
-        "dnsmos_sig",
-        "dnsmos_bak",
-        "clipping_ratio",
-        "silence_ratio",
-        "words_per_s",
-        "chars_per_s",
-        "repeat_ngram_ratio",
-        "text_compression_ratio",
-        "rt_wer",
-        "audio_fp",
-    )
+    # Everything the thresholds look at: the transcript signals, the quality stage's
+    # measurements (same names, imported so they cannot drift), and round-trip WER.
+    reads: ClassVar[tuple[str, ...]] = ("duration_s", *TRANSCRIPT_FIELDS, *QUALITY_FIELDS, "rt_wer")
     writes: ClassVar[tuple[str, ...]] = ("verdict", "drop_reasons", "duplicate_of")
     uses_model: ClassVar[bool] = False
 
