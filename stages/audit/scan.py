@@ -137,15 +137,20 @@ class _HashingReader(io.RawIOBase):
             pass
 
 
+def _as_dict(value: Any) -> dict[str, Any] | None:
+    """A nested field as a dict: the index stores it as a JSON string, the sample JSON as an object."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    return value if isinstance(value, dict) else None
+
+
 def source_group(meta: dict[str, Any]) -> str:
     """The per-source breakdown's row: a dataset name from the manifest line, else the folder."""
-    sm = meta.get("source_meta")
-    if isinstance(sm, str):
-        try:
-            sm = json.loads(sm)
-        except ValueError:
-            sm = None
-    if isinstance(sm, dict):
+    sm = _as_dict(meta.get("source_meta"))
+    if sm:
         for k in ("dataset", "corpus", "source_name", "collection"):
             if sm.get(k):
                 return str(sm[k])
@@ -361,13 +366,8 @@ def scan_shard(
         for reason in meta.get("drop_reasons") or []:
             agg.drop_reasons[str(reason)] += 1
         agg.add_source(source_group(meta), dur)
-        prov = meta.get("provenance")
-        if isinstance(prov, str):
-            try:
-                prov = json.loads(prov)
-            except ValueError:
-                prov = None
-        if isinstance(prov, dict):
+        prov = _as_dict(meta.get("provenance"))
+        if prov:
             for stage, stamp in prov.items():
                 if isinstance(stamp, dict):
                     agg.provenance[f"{stage}|{stamp.get('model')}|{stamp.get('config_hash')}"] += 1
