@@ -114,8 +114,15 @@ class AsrBackend(Protocol):
 
     model_id: str
 
-    def transcribe(self, audios: list[np.ndarray], sample_rate: int = ASR_SAMPLE_RATE) -> list[dict[str, Any]]:
-        """Transcribe each (<= 30 s) clip; one result dict per clip, keys TRANSCRIPT_FIELDS."""
+    def transcribe(
+        self, audios: list[np.ndarray], sample_rate: int = ASR_SAMPLE_RATE, *, groups: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Transcribe each (<= 30 s) clip; one result dict per clip, keys TRANSCRIPT_FIELDS.
+
+        ``groups`` names the recording each clip belongs to. A backend that packs several clips
+        into one decoding window packs only clips of the same group, so one recording's labels
+        never depend on what other recordings shared its batch.
+        """
         ...
 
 
@@ -163,6 +170,45 @@ def plan_windows(lengths: list[int], window: int, gap: int) -> list[list[int]]:
         used = need
     if current:
         windows.append(current)
+    return windows
+
+
+def plan_grouped_windows(
+    lengths: list[int], languages: list[str | None], groups: list[str], window: int, gap: int
+) -> list[tuple[str | None, list[int], list[tuple[int, int]]]]:
+    """Decoding windows that never mix recordings or languages.
+
+    Segments are grouped by (recording, language), input order kept within a group, and each
+    group is packed by :func:`plan_windows`. Keeping a window inside one recording is what
+    makes a recording's labels independent of whatever else shared its batch: the decoder
+    never conditions one file's words on another file's speech.
+
+    Args:
+        lengths: Segment lengths in samples.
+        languages: Detected language per segment.
+        groups: Recording id per segment.
+        window: Window length in samples.
+        gap: Silence in samples between two segments of a window.
+
+    Returns:
+        Per window: its language, its segments' indices, and each segment's (start, end) in
+        samples within the window.
+
+    >>> [m for _, m, _ in plan_grouped_windows([10, 10, 10], ["en"] * 3, ["a", "b", "a"], 100, 5)]
+    [[0, 2], [1]]
+    """
+    by_group: dict[tuple[str, str | None], list[int]] = {}
+    for i, lang in enumerate(languages):
+        by_group.setdefault((groups[i], lang), []).append(i)
+    windows: list[tuple[str | None, list[int], list[tuple[int, int]]]] = []
+    for (_, lang), idx in by_group.items():
+        for plan in plan_windows([lengths[i] for i in idx], window, gap):
+            members = [idx[j] for j in plan]
+            spans, t = [], 0
+            for m in members:
+                spans.append((t, t + lengths[m]))
+                t += lengths[m] + gap
+            windows.append((lang, members, spans))
     return windows
 
 
@@ -248,7 +294,9 @@ class FasterWhisperBackend:
 
         return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack(mels), dtype=np.float32))
 
-    def transcribe(self, audios: list[np.ndarray], sample_rate: int = ASR_SAMPLE_RATE) -> list[dict[str, Any]]:
+    def transcribe(
+        self, audios: list[np.ndarray], sample_rate: int = ASR_SAMPLE_RATE, *, groups: list[str] | None = None
+    ) -> list[dict[str, Any]]:
         if not audios:
             return []
         if not self.config.pack_windows:
@@ -263,7 +311,8 @@ class FasterWhisperBackend:
             for i, res in zip(long, self._transcribe_unpacked([clips[i][:WINDOW_SAMPLES] for i in long])):
                 out[i] = res
         if short:
-            for i, res in zip(short, self._transcribe_packed([clips[i] for i in short])):
+            keys = [groups[i] if groups else "" for i in short]
+            for i, res in zip(short, self._transcribe_packed([clips[i] for i in short], keys)):
                 out[i] = res
         return out  # type: ignore[return-value]
 
@@ -338,14 +387,15 @@ class FasterWhisperBackend:
         detected = self.model.detect_language(self.model.encode(self._storage(mels), to_cpu=False))
         return [d[0][0][2:-2] for d in detected], [float(d[0][1]) for d in detected]
 
-    def _transcribe_packed(self, clips: list[np.ndarray]) -> list[dict[str, Any]]:
+    def _transcribe_packed(self, clips: list[np.ndarray], groups: list[str]) -> list[dict[str, Any]]:
         """Pack segments into shared windows, decode each window once, split words back.
 
         Steps, each one batched call over all windows of the batch:
 
-        1. language per segment (:meth:`_detect_languages`); segments are grouped by language
-           (input order kept within a group) so that every window is decoded with the right
-           language token, then packed with ``pack_gap_s`` of silence between segments;
+        1. language per segment (:meth:`_detect_languages`); segments are grouped by recording
+           (``groups``) and language (input order kept within a group) so that a window never
+           mixes recordings and is decoded with the right language token, then packed with
+           ``pack_gap_s`` of silence between segments;
         2. encode the windows and decode them (without timestamp tokens unless
            ``pack_timestamps``: the word times come from step 3, not from the decoder);
         3. align the decoded text tokens to the audio (CTranslate2 cross-attention DTW, one call
@@ -362,18 +412,7 @@ class FasterWhisperBackend:
         """
         languages, lang_probs = self._detect_languages(clips)
         gap = round(self.config.pack_gap_s * ASR_SAMPLE_RATE)
-        groups: dict[str | None, list[int]] = {}
-        for i, lang in enumerate(languages):
-            groups.setdefault(lang, []).append(i)
-        windows: list[tuple[str | None, list[int], list[tuple[int, int]]]] = []
-        for lang, idx in groups.items():
-            for plan in plan_windows([len(clips[i]) for i in idx], WINDOW_SAMPLES, gap):
-                members = [idx[j] for j in plan]
-                spans, t = [], 0
-                for m in members:
-                    spans.append((t, t + len(clips[m])))
-                    t += len(clips[m]) + gap
-                windows.append((lang, members, spans))
+        windows = plan_grouped_windows([len(c) for c in clips], languages, groups, WINDOW_SAMPLES, gap)
 
         mels = []
         for _, members, spans in windows:
@@ -384,10 +423,11 @@ class FasterWhisperBackend:
             for m, (a, b) in zip(members, spans):
                 buf[a:b] = clips[m]
             mels.append(self._mel(buf, self.n_frames))
-        several_languages = len(groups) > 1
+        window_languages = list(dict.fromkeys(lang for lang, _, _ in windows))
+        several_languages = len(window_languages) > 1
         encoded = self.model.encode(self._storage(mels), to_cpu=several_languages)
 
-        toks = {lang: self._tokenizer(lang) for lang in groups}
+        toks = {lang: self._tokenizer(lang) for lang in window_languages}
         prompts = [
             list(toks[lang].sot_sequence) + ([] if self.config.pack_timestamps else [toks[lang].no_timestamps])
             for lang, _, _ in windows
@@ -410,7 +450,7 @@ class FasterWhisperBackend:
 
         alignments: list[Any] = [None] * len(windows)
         encoded_np = np.asarray(encoded) if several_languages else None
-        for lang in groups:
+        for lang in window_languages:
             todo = [w for w, (wl, _, _) in enumerate(windows) if wl == lang and texts[w]]
             if not todo:
                 continue
@@ -497,7 +537,9 @@ class OpenAIWhisperBackend:
         self.device = device
         self.model = load_openai_whisper(checkpoint, device)
 
-    def transcribe(self, audios: list[np.ndarray], sample_rate: int = ASR_SAMPLE_RATE) -> list[dict[str, Any]]:
+    def transcribe(
+        self, audios: list[np.ndarray], sample_rate: int = ASR_SAMPLE_RATE, *, groups: list[str] | None = None
+    ) -> list[dict[str, Any]]:
         import torch
 
         whisper = self._whisper
@@ -638,7 +680,10 @@ class TranscribeStage(Stage):
             by_rate.setdefault(int(r["sample_rate"]), []).append(i)
         results: list[dict[str, Any] | None] = [None] * len(rows)
         for sr, idx in by_rate.items():
-            outs = self.asr.transcribe([rows[i].get(key, rows[i]["audio"]) for i in idx], sr)
+            outs = self.asr.transcribe(
+                [rows[i].get(key, rows[i]["audio"]) for i in idx], sr,
+                groups=[str(rows[i].get("recording_id") or rows[i].get("source") or "") for i in idx],
+            )
             for i, o in zip(idx, outs):
                 results[i] = o
         return [{**r, **(res or {})} for r, res in zip(rows, results)]

@@ -161,8 +161,12 @@ class KimiaASR:
         self.max_new_tokens = max_new_tokens
         self.seed = seed
 
-    def transcribe(self, audios: list[np.ndarray], sample_rate: int = SAMPLE_RATE) -> list[dict[str, Any]]:
+    def transcribe(
+        self, audios: list[np.ndarray], sample_rate: int = SAMPLE_RATE, *, groups: list[str] | None = None
+    ) -> list[dict[str, Any]]:
         """One result dict per clip (keys as the Whisper backends return).
+
+        Each clip is decoded on its own, so ``groups`` (the clips' recordings) changes nothing.
 
         Raises:
             StageError: a clip that cannot be prompted (empty, non-finite, too long).

@@ -19,6 +19,7 @@ from stages.transcribe import (
     build_asr,
     compression_ratio,
     load_openai_whisper,
+    plan_grouped_windows,
     plan_windows,
 )
 
@@ -175,6 +176,48 @@ def test_plan_windows_is_greedy_in_order_and_never_splits() -> None:
     assert plan_windows([14, 16], window=30, gap=1) == [[0], [1]]
     assert plan_windows([30, 1, 40, 2], window=30, gap=1) == [[0], [1], [2], [3]]  # order kept
     assert plan_windows([], window=30, gap=1) == []
+
+
+def test_packed_windows_never_mix_recordings_or_languages() -> None:
+    # Alternating recordings of one language, short enough that one window could hold all.
+    lengths = [10] * 6
+    groups = ["a", "b", "a", "b", "a", "c"]
+    languages = ["en", "en", "en", "en", "zh", "en"]
+    windows = plan_grouped_windows(lengths, languages, groups, window=1000, gap=1)
+    covered = sorted(m for _, members, _ in windows for m in members)
+    assert covered == list(range(6))  # every segment exactly once
+    for lang, members, spans in windows:
+        assert len({groups[m] for m in members}) == 1
+        assert {languages[m] for m in members} == {lang}
+        assert members == sorted(members)  # input order kept inside a window
+        assert all(b - a == lengths[m] for m, (a, b) in zip(members, spans))
+    # A recording's windows depend only on its own segments: drop "b" and "c", "a" is unchanged.
+    only_a = plan_grouped_windows([10] * 3, ["en", "en", "zh"], ["a"] * 3, window=1000, gap=1)
+    mapped = [(lang, [[0, 2, 4][m] for m in members]) for lang, members, _ in only_a]
+    assert mapped == [(lang, members) for lang, members, _ in windows if groups[members[0]] == "a"]
+
+
+def test_stage_tells_the_backend_which_recording_each_segment_is() -> None:
+    seen: list[list[str] | None] = []
+
+    class Recorder:
+        model_id = "fake"
+
+        def transcribe(self, audios, sample_rate=16000, *, groups=None):
+            seen.append(groups)
+            return [{"text": "x"} for _ in audios]
+
+    stage = TranscribeStage(TranscribeConfig(model="pkg:whisper-base"), StageContext())
+    stage.asr = Recorder()
+    stage._ready = True
+    rows = [
+        {"status": "ok", "recording_id": rid, "segment_index": i, "sample_rate": 16000,
+         "duration_s": 1.0, "audio": np.zeros(16000, np.float32)}
+        for i, rid in enumerate(["r1", "r2", "r1"])
+    ]
+    out = stage(rows)
+    assert seen == [["r1", "r2", "r1"]]
+    assert [r["text"] for r in out] == ["x"] * 3
 
 
 def test_assign_words_by_overlap_then_nearest() -> None:
