@@ -65,6 +65,22 @@ class ModelsConfig(BaseModel):
     )
 
 
+class FailuresConfig(BaseModel):
+    """What happens when a row fails for a reason other than bad input.
+
+    Bad input (undecodable, empty, unsupported) is quarantined at once. Anything else (an
+    OS error, out of memory, a timeout, a worker that died) may pass: the row is tried again
+    ``retries`` more times, waiting ``backoff_s`` and then twice as long before each retry,
+    and only then quarantined as ``transient``. Transient quarantines make the run exit 3 and
+    are re-run by ``kimia-curate run --retry-quarantined``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    retries: int = Field(2, ge=0, le=20, description="Further attempts after a non-input failure.")
+    backoff_s: float = Field(0.5, ge=0, le=600, description="Wait before the first retry (s); doubles each time.")
+
+
 class RunConfig(BaseModel):
     """The whole run: one section per stage plus Ray and model settings."""
 
@@ -75,6 +91,7 @@ class RunConfig(BaseModel):
         "auto", description="Default device for model stages whose own `device` is auto."
     )
     ray: RayConfig = Field(default_factory=RayConfig)
+    failures: FailuresConfig = Field(default_factory=FailuresConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     enhance: EnhanceConfig = Field(default_factory=lambda: EnhanceConfig(enabled=False))

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.inputs import discover
-from stages.base import STATUS_EMPTY, STATUS_QUARANTINED, Row, Stage, StageContext
+from stages.base import KIND_TRANSIENT, STATUS_EMPTY, STATUS_QUARANTINED, RetryPolicy, Row, Stage, StageContext
 from stages.decode import DecodeStage
 from stages.filter import FilterStage
 from stages.quality import QualityStage
@@ -64,7 +64,9 @@ def plan_stages(cfg: RunConfig, context: StageContext) -> list[Stage]:
     ]
     stages += [cls(section, context) for section, cls in optional if section.enabled]
     stages.append(EncodeStage(cfg.write, context))
+    retry = RetryPolicy(retries=cfg.failures.retries, backoff_s=cfg.failures.backoff_s)
     for s in stages:
+        s.retry = retry
         if s.config.device == "auto" and cfg.device != "auto":
             s.config.device = cfg.device
     return stages
@@ -157,8 +159,21 @@ def run(
     address: str | None = None,
     config_path: str = "<config>",
     progress: bool = True,
+    retry_quarantined: bool = False,
+    allow_config_change: bool = False,
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """Run the pipeline; returns the summary also written to ``OUT/manifest.json``."""
+    """Run the pipeline; returns the summary also written to ``OUT/manifest.json``.
+
+    Args:
+        retry_quarantined: process again the inputs whose committed outcome is a quarantine.
+        allow_config_change: resume into an OUT written with a config that changes outputs.
+        verbose: let Ray and libraries log at their own levels.
+
+    The summary's ``failed`` lists every input of this run that ended for a reason other
+    than bad input (quarantined as transient after its retries, or lost by the graph); the
+    CLI exits non-zero when it is not empty.
+    """
     t_start = time.perf_counter()
     out = Path(output).expanduser().resolve()
     context = StageContext(cache_dir=Path(cfg.models.cache_dir).expanduser(), config_path=config_path)
@@ -169,8 +184,9 @@ def run(
     (out / "config.yaml").write_text(cfg.to_yaml())
 
     keep_dropped = cfg.filter.enabled and cfg.filter.keep_dropped
+    lost: list[dict[str, Any]] = []
     with ShardSink(out, cfg.write, keep_dropped=keep_dropped) as sink:
-        done = sink.committed_sources
+        done = sink.committed_sources(retry_quarantined=retry_quarantined)
         todo = [s for s in sources if s.uri not in done]
         skipped = len(sources) - len(todo)
         if skipped:
@@ -195,17 +211,25 @@ def run(
                     sink.add_recording(buffers.pop(key))
                     bar.update(1)
             bar.close()
-            if buffers:  # a stage lost rows: never silently; commit what we know as quarantine
-                for key, rows in buffers.items():
-                    log.error("incomplete recording %s: %d rows arrived", key, len(rows))
+            for key, rows in buffers.items():  # a stage lost rows: never committed, never silent
+                log.error("incomplete recording %s: %d rows arrived", key, len(rows))
+                lost.append({"source": key, "stage": "pipeline", "error": f"incomplete: {len(rows)} rows arrived"})
+            seen = {o.source for o in sink.this_run} | set(buffers)
+            lost.extend(
+                {"source": s.uri, "stage": "pipeline", "error": "no output arrived"} for s in todo if s.uri not in seen
+            )
     # Summaries are computed after the sink closed, so they include the final commit.
     wall = time.perf_counter() - t_start
-    summary = summarize(sink.committed)
+    summary = summarize(sink.latest())
     this_run = summarize(sink.this_run)
+    this_run["failed"] = lost + [
+        q for o in sink.this_run for q in o.quarantine if q.get("kind") == KIND_TRANSIENT
+    ]
     this_run["wall_seconds"] = round(wall, 3)
     audio_s = this_run["hours_in"] * 3600
     this_run["end_to_end_rtf"] = round(wall / audio_s, 5) if audio_s else None
     summary["this_run"] = this_run
+    summary["failed"] = this_run["failed"]
     summary["config_hash"] = cfg.config_hash()
     summary["profile"] = cfg.profile
     sink.write_manifest(summary)
@@ -234,6 +258,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         ))
     if r["drop_reasons"]:
         lines.append("dropped by reason: " + ", ".join(f"{k}={v}" for k, v in r["drop_reasons"].items()))
+    if r.get("failed"):
+        lines.append(f"FAILED (not bad input; re-run with --retry-quarantined): {len(r['failed'])} inputs: " + ", ".join(
+            f"{f['source']} [{f['stage']}: {f['error']}]" for f in r["failed"][:5]
+        ) + (" ..." if len(r["failed"]) > 5 else ""))
     if r["quarantine_reasons"]:
         lines.append("quarantined by reason: " + ", ".join(f"{k}={v}" for k, v in r["quarantine_reasons"].items()))
     return "\n".join(lines)

@@ -46,7 +46,7 @@ def run_synth(
     (out / "config.yaml").write_text(cfg.to_yaml())
     bar = tqdm(desc="kept utterances", unit="utt", disable=not progress, file=sys.stderr)
     with ShardSink(out, cfg.write) as sink:
-        done = sink.committed_sources  # re-running resumes: committed utterances are not written twice
+        done = sink.committed_sources()  # re-running resumes: committed utterances are not written twice
         for row in synthesize_corpus(texts, voices, stage.tts, asr, limit, per_text=per_text, stats=stats):  # type: ignore[arg-type]
             if row["source"] in done:
                 continue
@@ -60,7 +60,7 @@ def run_synth(
             sink.add_recording(encode([segment]))
             bar.update(1)
     bar.close()
-    summary = summarize(sink.committed)
+    summary = summarize(sink.latest())
     summary["synth"] = {
         "lines": stats.lines, "attempted": stats.attempted, "kept": stats.kept,
         "dropped": dict(stats.dropped), "errors": stats.errors,

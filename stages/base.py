@@ -104,7 +104,42 @@ class StageContext:
 
 
 class StageError(RuntimeError):
-    """An input-specific failure: the row is quarantined with this message, the run goes on."""
+    """Bad input (undecodable, empty, unsupported): permanent, quarantined at once, never retried."""
+
+
+class TransientError(RuntimeError):
+    """A failure that may pass (a file briefly unreadable, a resource busy): retried with backoff.
+
+    Any exception that is not a :class:`StageError` is treated the same way; this class only
+    lets a stage say so explicitly while keeping its own message.
+    """
+
+
+#: Quarantine kinds: ``bad_input`` is final; ``transient`` ran out of retries and is re-run by
+#: ``--retry-quarantined``.
+KIND_BAD_INPUT = "bad_input"
+KIND_TRANSIENT = "transient"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often, and how patiently, a row that failed for a non-input reason is tried again.
+
+    Attributes:
+        retries: further attempts after the first (0 = quarantine on the first failure).
+        backoff_s: wait before the first retry; doubled before each later one.
+    """
+
+    retries: int = 2
+    backoff_s: float = 0.5
+
+    def delays(self) -> list[float]:
+        """The waits before each retry.
+
+        >>> RetryPolicy(retries=3, backoff_s=0.5).delays()
+        [0.5, 1.0, 2.0]
+        """
+        return [self.backoff_s * 2**k for k in range(self.retries)]
 
 
 class Stage(ABC):
@@ -128,6 +163,7 @@ class Stage(ABC):
     def __init__(self, config: StageConfig, context: StageContext | None = None) -> None:
         self.config = config
         self.context = context or StageContext()
+        self.retry = RetryPolicy()
         self._ready = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -187,24 +223,42 @@ class Stage(ABC):
         except Exception:  # noqa: BLE001 - isolate the bad row(s) below
             out = []
             for row in todo:
-                try:
-                    out.extend(self.process_batch([row]))
-                except Exception as exc:  # noqa: BLE001
-                    out.append(self.quarantine(row, exc))
+                out.extend(self._process_one(row))
         elapsed = time.perf_counter() - t0
         self._stamp(out, elapsed)
         # Keep input order: pass-through rows go first; their order relative to processed
         # rows carries no meaning (they belong to other recordings).
         return passthrough + out
 
-    def quarantine(self, row: Row, exc: BaseException) -> Row:
-        """Turn a row into a quarantine record that keeps what identifies the input."""
+    def _process_one(self, row: Row) -> list[Row]:
+        """One row alone: bad input is quarantined at once, anything else retried with backoff."""
+        delays = self.retry.delays()
+        for attempt in range(len(delays) + 1):
+            try:
+                return self.process_batch([row])
+            except StageError as exc:
+                return [self.quarantine(row, exc)]
+            except Exception as exc:  # noqa: BLE001 - transient until retries run out
+                if attempt == len(delays):
+                    return [self.quarantine(row, exc, kind=KIND_TRANSIENT, attempts=attempt + 1)]
+                time.sleep(delays[attempt])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def quarantine(self, row: Row, exc: BaseException, *, kind: str = KIND_BAD_INPUT, attempts: int = 1) -> Row:
+        """Turn a row into a quarantine record that keeps what identifies the input.
+
+        ``kind`` is ``bad_input`` for a :class:`StageError` and ``transient`` for anything
+        that still failed after ``attempts`` tries; the run's exit code and
+        ``--retry-quarantined`` tell the two apart.
+        """
         keep = ("recording_id", "source", "duration_s", "sample_rate", "segment_index", "segment_count")
         message = str(exc) if isinstance(exc, StageError) else f"{type(exc).__name__}: {exc}"
         rec: Row = {k: row[k] for k in keep if k in row}
         rec.update(
             status=STATUS_QUARANTINED,
             failed_stage=self.name,
+            error_kind=kind,
+            attempts=attempts,
             error=message.strip().splitlines()[0][:500] if message.strip() else type(exc).__name__,
             error_detail="".join(traceback.format_exception(exc))[-4000:],
         )

@@ -19,7 +19,7 @@ import soundfile as sf
 from pydantic import Field
 
 from stages.audio import downmix, normalize_loudness, resample
-from stages.base import Row, Stage, StageConfig, StageError, STATUS_OK
+from stages.base import STATUS_OK, Row, Stage, StageConfig, StageError, TransientError
 from stages.rows import recording_id
 
 
@@ -119,7 +119,8 @@ class DecodeStage(Stage):
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise StageError(f"unreadable: {exc.strerror or exc}") from exc
+            # Permissions, a stale network mount, a file being replaced: may pass, so retried.
+            raise TransientError(f"unreadable: {exc.strerror or exc}") from exc
         truncation = wav_truncation(data)
         if truncation:
             raise StageError(truncation)

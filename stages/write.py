@@ -39,7 +39,7 @@ import numpy as np
 from pydantic import Field
 
 from stages.audio import encode_flac
-from stages.base import STATUS_EMPTY, STATUS_OK, STATUS_QUARANTINED, Row, Stage, StageConfig
+from stages.base import KIND_BAD_INPUT, KIND_TRANSIENT, STATUS_EMPTY, STATUS_OK, STATUS_QUARANTINED, Row, Stage, StageConfig
 from stages.rows import ARRAY_FIELDS, sample_key
 
 #: Fields that never go into the sample JSON or the index.
@@ -357,10 +357,17 @@ class ShardSink:
             for key, fp in zip(table.column("key").to_pylist(), table.column("audio_fp").to_pylist()):
                 self.dups.check(key, fp)
 
-    @property
-    def committed_sources(self) -> set[str]:
-        """Sources whose outcome is committed: the pipeline does not read them again."""
-        return {o.source for o in self.committed}
+    def latest(self) -> list[RecordingOutcome]:
+        """The newest committed outcome of each source (a retried input supersedes its quarantine)."""
+        return list({o.source: o for o in self.committed}.values())
+
+    def committed_sources(self, *, retry_quarantined: bool = False) -> set[str]:
+        """Sources whose outcome is committed: the pipeline does not read them again.
+
+        With ``retry_quarantined``, sources whose newest outcome is a quarantine are left out,
+        so they are processed again (and their new outcome supersedes the old one).
+        """
+        return {o.source for o in self.latest() if not (retry_quarantined and o.status == STATUS_QUARANTINED)}
 
     # -- adding work -------------------------------------------------------------------------
     def add_recording(self, rows: list[Row]) -> RecordingOutcome:
@@ -384,6 +391,16 @@ class ShardSink:
         for r in rows:
             for stage, t in (r.get("timings") or {}).items():
                 outcome.timings[stage] = outcome.timings.get(stage, 0.0) + float(t)
+        transient = [
+            r for r in segments if r.get("status") == STATUS_QUARANTINED and r.get("error_kind") == KIND_TRANSIENT
+        ]
+        if transient:
+            # A recording is committed whole or not at all: one segment that failed for a
+            # passing reason quarantines the recording (no samples), and --retry-quarantined
+            # redoes all of it.
+            outcome.status = STATUS_QUARANTINED
+            outcome.quarantine.extend(self._quarantine_record(r) for r in transient)
+            segments = []
         kept_shard: _OpenShard | None = None
         for r in segments:
             if r.get("status") == STATUS_QUARANTINED:
@@ -422,6 +439,7 @@ class ShardSink:
             "segment_index": row.get("segment_index"),
             "stage": row.get("failed_stage", "unknown"),
             "error": row.get("error", ""),
+            "kind": row.get("error_kind", KIND_BAD_INPUT),
         }
 
     def commit(self) -> None:
@@ -453,7 +471,7 @@ class ShardSink:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        records = [q for o in self.committed for q in o.quarantine]
+        records = [{"kind": KIND_BAD_INPUT, **q} for o in self.latest() for q in o.quarantine]
         schema = pa.schema(
             [
                 ("source", pa.string()),
@@ -461,6 +479,7 @@ class ShardSink:
                 ("segment_index", pa.int64()),
                 ("stage", pa.string()),
                 ("error", pa.string()),
+                ("kind", pa.string()),
             ]
         )
         table = pa.Table.from_pylist(records, schema=schema)

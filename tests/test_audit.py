@@ -215,7 +215,7 @@ def test_output_from_the_project_writer_audits_clean(tmp_path, rows) -> None:
     with ShardSink(out, cfg, keep_dropped=True) as sink:
         for rec in sorted({r["recording_id"] for r in encoded}):
             sink.add_recording([r for r in encoded if r["recording_id"] == rec])
-    sink.write_manifest(summarize(sink.committed))
+    sink.write_manifest(summarize(sink.latest()))
     (out / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     doc = audit(out)
     assert doc["integrity"]["ok"], doc["integrity"]["findings"]

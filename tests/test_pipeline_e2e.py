@@ -89,6 +89,9 @@ def test_broken_files_are_quarantined_with_reasons(finished_run: Path) -> None:
     assert "truncated" in table["truncated.wav"]["error"]
     assert "silent" in table["silence.wav"]["error"]
     assert all(r["stage"] == "decode" for r in table.values())
+    # Bad input is final: quarantined as such, and not a failure of the run (exit code 0).
+    assert {r["kind"] for r in table.values()} == {"bad_input"}
+    assert json.loads((finished_run / "manifest.json").read_text())["summary"]["failed"] == []
 
 
 def test_manifest_summary(finished_run: Path) -> None:

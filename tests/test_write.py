@@ -37,7 +37,7 @@ def _write(out: Path, recordings: list[list[dict]], keep_dropped: bool = False, 
     with ShardSink(out, WriteConfig(**cfg), keep_dropped=keep_dropped) as sink:
         for rows in recordings:
             sink.add_recording(rows)
-    sink.write_manifest(summarize(sink.committed))
+    sink.write_manifest(summarize(sink.latest()))
     return sink
 
 
@@ -77,13 +77,13 @@ def test_quarantine_empty_and_dropped_are_recorded(tmp_path: Path) -> None:
     sink = _write(tmp_path, [[q], [e], mixed], keep_dropped=True)
     table = pq.read_table(tmp_path / "quarantine.parquet").to_pylist()
     assert table == [{"source": "/data/bad.wav", "recording_id": None, "segment_index": None, "stage": "decode",
-                      "error": "empty file (0 bytes)"}]
-    summary = summarize(sink.committed)
+                      "error": "empty file (0 bytes)", "kind": "bad_input"}]
+    summary = summarize(sink.latest())
     assert summary["recordings_by_status"] == {"quarantined": 1, "empty": 1, "ok": 1}
     assert summary["segments_kept"] == 2 and summary["drop_reasons"] == {"snr_db<5": 1}
     dropped = pq.read_table(tmp_path / "dropped" / "index" / "shard-000000.parquet").column("key").to_pylist()
     assert dropped == ["dd_00001"]
-    assert sink.committed_sources == {"/data/bad.wav", "/data/quiet.wav", "/data/dd.wav"}
+    assert sink.committed_sources() == {"/data/bad.wav", "/data/quiet.wav", "/data/dd.wav"}
 
 
 def test_reopen_removes_uncommitted_files_and_continues_numbering(tmp_path: Path) -> None:
@@ -93,10 +93,10 @@ def test_reopen_removes_uncommitted_files_and_continues_numbering(tmp_path: Path
     (tmp_path / "index" / "shard-000001.parquet").write_bytes(b"half")
     (tmp_path / "shards" / ".shard-000002.tar.tmp").write_bytes(b"tmp")
     with ShardSink(tmp_path, WriteConfig()) as sink:
-        assert sink.committed_sources == {"/data/aa.wav"}
+        assert sink.committed_sources() == {"/data/aa.wav"}
         assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-000000.tar"]
         sink.add_recording(_segments("bb", 1))
-    sink.write_manifest(summarize(sink.committed))
+    sink.write_manifest(summarize(sink.latest()))
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
     assert inspect_output(tmp_path)["ok"]
 
@@ -121,7 +121,7 @@ def test_failure_inside_the_block_commits_nothing_pending(tmp_path: Path) -> Non
             raise RuntimeError("worker died")
     assert not list((tmp_path / "_state").glob("commit-*.json"))
     with ShardSink(tmp_path, WriteConfig()) as sink:
-        assert sink.committed_sources == set()
+        assert sink.committed_sources() == set()
     assert not list((tmp_path / "shards").iterdir())
 
 

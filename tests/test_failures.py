@@ -1,0 +1,97 @@
+"""Typed failures: bad input is final, anything else is retried, a recording commits whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from stages.base import KIND_BAD_INPUT, KIND_TRANSIENT, STATUS_QUARANTINED, RetryPolicy, Stage, StageConfig, StageError
+from stages.write import ShardSink, WriteConfig
+
+
+class Flaky(Stage):
+    """Fails ``fail_times`` times on rows named "flaky" with ``exc``, then succeeds."""
+
+    name = "flaky"
+    uses_model = False
+
+    def __init__(self, exc: BaseException, fail_times: int) -> None:
+        super().__init__(StageConfig())
+        self.exc, self.left, self.calls = exc, fail_times, 0
+        self.retry = RetryPolicy(retries=2, backoff_s=0.0)
+
+    def process_batch(self, rows):
+        out = []
+        for r in rows:
+            if r["name"] == "flaky":
+                self.calls += 1
+                if self.left > 0:
+                    self.left -= 1
+                    raise self.exc
+            out.append({**r, "done": True})
+        return out
+
+
+def _rows() -> list[dict]:
+    return [{"status": "ok", "name": n, "source": f"/d/{n}.wav"} for n in ("good", "flaky")]
+
+
+def test_a_transient_failure_is_retried_and_then_succeeds() -> None:
+    stage = Flaky(OSError("stale file handle"), fail_times=2)
+    out = {Path(r["source"]).stem: r for r in stage(_rows())}
+    assert out["flaky"]["done"] and out["good"]["done"]
+    assert stage.calls == 3  # the failed batch, then one failed and one good retry alone
+
+
+def test_retries_run_out_into_a_transient_quarantine() -> None:
+    stage = Flaky(MemoryError("out of memory"), fail_times=99)
+    out = {Path(r["source"]).stem: r for r in stage(_rows())}
+    assert out["good"]["done"]
+    bad = out["flaky"]
+    assert bad["status"] == STATUS_QUARANTINED and bad["error_kind"] == KIND_TRANSIENT
+    assert bad["attempts"] == 3 and "MemoryError" in bad["error"]
+
+
+def test_bad_input_is_quarantined_at_once_without_retry() -> None:
+    stage = Flaky(StageError("not decodable audio"), fail_times=99)
+    out = {Path(r["source"]).stem: r for r in stage(_rows())}
+    bad = out["flaky"]
+    assert bad["error_kind"] == KIND_BAD_INPUT and bad["attempts"] == 1
+    assert stage.calls == 2  # the batch call, then the row alone once: no retry
+
+
+def test_backoff_doubles() -> None:
+    assert RetryPolicy(retries=4, backoff_s=0.25).delays() == [0.25, 0.5, 1.0, 2.0]
+    assert RetryPolicy(retries=0).delays() == []
+
+
+def _segment(i: int, **extra) -> dict:
+    return {
+        "status": "ok", "recording_id": "r1", "source": "/d/r1.wav", "segment_index": i, "segment_count": 2,
+        "duration_s": 1.0, "recording_duration_s": 2.0, "sample_rate": 16000, "verdict": "keep",
+        "_members": {"audio.flac": b"x"}, **extra,
+    }
+
+
+def test_a_recording_with_a_transient_segment_is_not_partly_committed(tmp_path: Path) -> None:
+    failed = {"status": STATUS_QUARANTINED, "recording_id": "r1", "source": "/d/r1.wav", "segment_index": 1,
+              "segment_count": 2, "failed_stage": "transcribe", "error": "TimeoutError: x",
+              "error_kind": KIND_TRANSIENT}
+    with ShardSink(tmp_path, WriteConfig()) as sink:
+        outcome = sink.add_recording([_segment(0), failed])
+    assert outcome.status == STATUS_QUARANTINED and outcome.kept == 0
+    assert not list((tmp_path / "shards").glob("*.tar"))  # no sample of r1 written
+    q = pq.read_table(tmp_path / "quarantine.parquet").to_pylist()
+    assert [(r["source"], r["kind"]) for r in q] == [("/d/r1.wav", KIND_TRANSIENT)]
+    # --retry-quarantined hands the source back; a plain resume skips it.
+    with ShardSink(tmp_path, WriteConfig()) as sink:
+        assert sink.committed_sources() == {"/d/r1.wav"}
+        assert sink.committed_sources(retry_quarantined=True) == set()
+        sink.add_recording([_segment(0), _segment(1)])
+    with ShardSink(tmp_path, WriteConfig()) as sink:
+        (latest,) = sink.latest()
+        assert latest.status == "ok" and latest.kept == 2
+    assert pq.read_table(tmp_path / "quarantine.parquet").num_rows == 0  # superseded by the retry
+    assert np.sum([1 for _ in (tmp_path / "shards").glob("*.tar")]) == 1
