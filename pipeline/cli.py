@@ -38,10 +38,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.run import format_summary, run
 
     cfg, path = _load(args)
-    summary = run(cfg, args.input, args.output, address=args.address, config_path=path, progress=not args.quiet)
+    summary = run(
+        cfg, args.input, args.output, address=args.address, config_path=path, progress=not args.quiet,
+        retry_quarantined=args.retry_quarantined, verbose=args.verbose,
+    )
     print(format_summary(summary))
     print(f"output: {Path(args.output).resolve()}")
-    return 0
+    return EXIT_FAILED if summary.get("failed") else 0
+
+
+#: ``run`` exit codes: 0 every input committed (kept, dropped, empty or quarantined as bad
+#: input); 2 a usage or config error, nothing done; 3 some inputs failed for another reason
+#: (transient failures after their retries, or lost by the graph): see the summary's
+#: ``failed`` list and re-run with ``--retry-quarantined``.
+EXIT_FAILED = 3
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -145,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="output directory (re-run to resume)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded Ray)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--retry-quarantined", action="store_true",
+        help="process again the inputs quarantined by earlier runs into this OUT (their new outcome replaces the old)",
+    )
+    p.epilog = (
+        "exit codes: 0 every input committed or quarantined as bad input; 2 usage or config error; "
+        "3 some inputs failed for another reason (see the summary; re-run with --retry-quarantined)"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="verify shards against index and manifest")

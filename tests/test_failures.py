@@ -95,3 +95,24 @@ def test_a_recording_with_a_transient_segment_is_not_partly_committed(tmp_path: 
         assert latest.status == "ok" and latest.kept == 2
     assert pq.read_table(tmp_path / "quarantine.parquet").num_rows == 0  # superseded by the retry
     assert np.sum([1 for _ in (tmp_path / "shards").glob("*.tar")]) == 1
+
+
+def test_run_exits_3_when_inputs_failed_for_another_reason(monkeypatch, tmp_path: Path) -> None:
+    import pipeline.run
+    from pipeline.cli import EXIT_FAILED, main
+
+    seen: dict = {}
+
+    def fake_run(cfg, input_spec, output, **kw):
+        seen.update(kw)
+        failed = [{"source": "/d/x.wav", "stage": "transcribe", "error": "TimeoutError: slow"}] if kw["retry_quarantined"] else []
+        this = {"recordings": 1, "recordings_by_status": {}, "hours_in": 0.0, "hours_kept": 0.0, "segments_kept": 0,
+                "segments_dropped": 0, "wall_seconds": 1.0, "end_to_end_rtf": None, "stage_seconds": {},
+                "stage_rtf": {}, "drop_reasons": {}, "quarantine_reasons": {}, "failed": failed}
+        return {"recordings": 1, "this_run": this, "failed": failed}
+
+    monkeypatch.setattr(pipeline.run, "run", fake_run)
+    args = ["run", "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--quiet"]
+    assert main(args) == 0
+    assert main(args + ["--retry-quarantined"]) == EXIT_FAILED == 3
+    assert seen["retry_quarantined"] is True
