@@ -233,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     from kimia_model.refs import ModelNotFoundError
     from pipeline.config import ConfigError
     from pipeline.inputs import InputError
+    from pipeline.outlock import OutputLockedError
     from pipeline.run import PreflightError
 
     try:
         return int(args.func(args))
-    except (ConfigError, ModelNotFoundError, InputError, PreflightError) as exc:
+    except (ConfigError, ModelNotFoundError, InputError, PreflightError, OutputLockedError) as exc:
         print(f"kimia-curate: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.inputs import discover
+from pipeline.outlock import OutputLock
 from stages.base import KIND_TRANSIENT, STATUS_EMPTY, STATUS_QUARANTINED, RetryPolicy, Row, Stage, StageContext
 from stages.decode import DecodeStage
 from stages.filter import FilterStage
@@ -83,7 +84,7 @@ def preflight(cfg: RunConfig, stages: list[Stage]) -> None:
         s.check()
 
 
-def _init_ray(cfg: RunConfig, address: str | None) -> None:
+def _init_ray(cfg: RunConfig, address: str | None, *, verbose: bool = False) -> None:
     import ray
 
     if ray.is_initialized():
@@ -106,9 +107,9 @@ def _init_ray(cfg: RunConfig, address: str | None) -> None:
         "address": "local",
         "include_dashboard": False,
         "runtime_env": {"env_vars": env},
-        "log_to_driver": False,
+        "log_to_driver": verbose,
         "configure_logging": True,
-        "logging_level": logging.WARNING,
+        "logging_level": logging.INFO if verbose else logging.WARNING,
     }
     if cfg.ray.num_cpus:
         kwargs["num_cpus"] = cfg.ray.num_cpus
@@ -160,15 +161,13 @@ def run(
     config_path: str = "<config>",
     progress: bool = True,
     retry_quarantined: bool = False,
-    allow_config_change: bool = False,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline; returns the summary also written to ``OUT/manifest.json``.
 
     Args:
         retry_quarantined: process again the inputs whose committed outcome is a quarantine.
-        allow_config_change: resume into an OUT written with a config that changes outputs.
-        verbose: let Ray and libraries log at their own levels.
+        verbose: let the embedded Ray's workers log to the terminal, at INFO.
 
     The summary's ``failed`` lists every input of this run that ended for a reason other
     than bad input (quarantined as transient after its retries, or lost by the graph); the
@@ -181,6 +180,14 @@ def run(
     preflight(cfg, stages)
     sources = discover(input_spec)
     out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out):  # one run per OUT: a second one fails here, before touching anything
+        return _run_locked(cfg, sources, stages, out, address, t_start, progress, retry_quarantined, verbose)
+
+
+def _run_locked(
+    cfg: RunConfig, sources: list[Any], stages: list[Stage], out: Path, address: str | None,
+    t_start: float, progress: bool, retry_quarantined: bool, verbose: bool,
+) -> dict[str, Any]:
     (out / "config.yaml").write_text(cfg.to_yaml())
 
     keep_dropped = cfg.filter.enabled and cfg.filter.keep_dropped
@@ -192,7 +199,7 @@ def run(
         if skipped:
             print(f"resume: {skipped} of {len(sources)} inputs already committed in {out}", file=sys.stderr)
         if todo:
-            _init_ray(cfg, address)
+            _init_ray(cfg, address, verbose=verbose)
             import ray
 
             if not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS")):
