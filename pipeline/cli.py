@@ -40,7 +40,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg, path = _load(args)
     summary = run(
         cfg, args.input, args.output, address=args.address, config_path=path, progress=not args.quiet,
-        retry_quarantined=args.retry_quarantined, verbose=args.verbose,
+        retry_quarantined=args.retry_quarantined, allow_config_change=args.allow_config_change,
+        verbose=args.verbose,
     )
     print(format_summary(summary))
     print(f"output: {Path(args.output).resolve()}")
@@ -159,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--retry-quarantined", action="store_true",
         help="process again the inputs quarantined by earlier runs into this OUT (their new outcome replaces the old)",
     )
+    p.add_argument(
+        "--allow-config-change", action="store_true",
+        help="resume into an OUT started with a config that changes outputs (samples of both configs then mix)",
+    )
     p.epilog = (
         "exit codes: 0 every input committed or quarantined as bad input; 2 usage or config error; "
         "3 some inputs failed for another reason (see the summary; re-run with --retry-quarantined)"
@@ -233,12 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     from kimia_model.refs import ModelNotFoundError
     from pipeline.config import ConfigError
     from pipeline.inputs import InputError
-    from pipeline.outlock import OutputLockedError
+    from pipeline.outlock import ConfigChangedError, OutputLockedError
     from pipeline.run import PreflightError
 
     try:
         return int(args.func(args))
-    except (ConfigError, ModelNotFoundError, InputError, PreflightError, OutputLockedError) as exc:
+    except (ConfigError, ModelNotFoundError, InputError, PreflightError, OutputLockedError, ConfigChangedError) as exc:
         print(f"kimia-curate: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

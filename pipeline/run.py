@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.inputs import discover
-from pipeline.outlock import OutputLock
+from pipeline.outlock import OutputLock, check_fingerprint, output_fingerprint
 from stages.base import KIND_TRANSIENT, STATUS_EMPTY, STATUS_QUARANTINED, RetryPolicy, Row, Stage, StageContext
 from stages.decode import DecodeStage
 from stages.filter import FilterStage
@@ -161,12 +161,15 @@ def run(
     config_path: str = "<config>",
     progress: bool = True,
     retry_quarantined: bool = False,
+    allow_config_change: bool = False,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline; returns the summary also written to ``OUT/manifest.json``.
 
     Args:
         retry_quarantined: process again the inputs whose committed outcome is a quarantine.
+        allow_config_change: resume into an OUT started with a config that changes outputs
+            (the fingerprint of ``pipeline.outlock.output_fingerprint``).
         verbose: let the embedded Ray's workers log to the terminal, at INFO.
 
     The summary's ``failed`` lists every input of this run that ended for a reason other
@@ -181,6 +184,7 @@ def run(
     sources = discover(input_spec)
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):  # one run per OUT: a second one fails here, before touching anything
+        check_fingerprint(out, output_fingerprint(cfg.model_dump(mode="json")), allow_change=allow_config_change)
         return _run_locked(cfg, sources, stages, out, address, t_start, progress, retry_quarantined, verbose)
 
 

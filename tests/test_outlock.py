@@ -66,3 +66,30 @@ def test_a_corrupt_lock_is_taken_over_and_another_hosts_lock_is_not(tmp_path: Pa
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "started": "x"}))
     with pytest.raises(OutputLockedError, match="elsewhere.example"):
         OutputLock(tmp_path).acquire()
+
+
+def test_a_resume_with_an_output_changing_config_is_refused(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.outlock import FINGERPRINT_FILE, ConfigChangedError, check_fingerprint, output_fingerprint
+
+    local = ROOT / "configs" / "local.yaml"
+    base = load_config(str(local), []).model_dump(mode="json")
+    faster = load_config(str(local), ["transcribe.batch_size=3", "ray.num_cpus=1"]).model_dump(mode="json")
+    stricter = load_config(str(local), ["filter.min_snr_db=30"]).model_dump(mode="json")
+    assert output_fingerprint(base) == output_fingerprint(faster)
+    assert output_fingerprint(base) != output_fingerprint(stricter)
+    check_fingerprint(tmp_path, output_fingerprint(base), allow_change=False)  # first use records it
+    check_fingerprint(tmp_path, output_fingerprint(faster), allow_change=False)  # speed knobs: fine
+    with pytest.raises(ConfigChangedError, match="--allow-config-change"):
+        check_fingerprint(tmp_path, output_fingerprint(stricter), allow_change=False)
+    check_fingerprint(tmp_path, output_fingerprint(stricter), allow_change=True)
+    assert output_fingerprint(stricter) in (tmp_path / FINGERPRINT_FILE).read_text()
+    # Through the CLI, before Ray starts: one line, exit 2.
+    cli = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--config", str(local), "--input", str(ROOT / "examples" / "audio"),
+         "--output", str(tmp_path), "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    lines = [ln for ln in cli.stderr.splitlines() if ln.strip()]
+    assert cli.returncode == 2 and len(lines) == 1 and "another config" in lines[0], cli.stderr
+    assert not (tmp_path / LOCK_NAME).exists()  # released on the way out
