@@ -85,6 +85,9 @@ def preflight(cfg: RunConfig, stages: list[Stage]) -> None:
 
 
 def _init_ray(cfg: RunConfig, address: str | None, *, verbose: bool = False) -> None:
+    # Read by Ray at import time: without it an embedded Ray binds its gRPC servers, raylet
+    # and dashboard agent to every interface of the machine, not just loopback.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
@@ -99,9 +102,9 @@ def _init_ray(cfg: RunConfig, address: str | None, *, verbose: bool = False) -> 
         # conflict with the job's own.
         ray.init(address=address, log_to_driver=True)
         return
-    # Embedded Ray: listen on loopback only (see DESIGN §11), no dashboard, quiet workers.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Embedded Ray: every listener on loopback, no dashboard, quiet workers.
     kwargs: dict[str, Any] = {
+        "_node_ip_address": "127.0.0.1",
         # "local" always starts a private instance; a bare ray.init() would attach to any
         # cluster already running on this machine (someone else's, or a stale one).
         "address": "local",
