@@ -39,3 +39,10 @@ def test_submit_entrypoint_joins_the_cluster(monkeypatch) -> None:
     except SystemExit as exc:
         assert exc.code == 0
     assert seen == [["run", "--input", "/in", "--output", "/out", "--address", "auto"]]
+
+
+def test_cluster_dashboard_stays_on_loopback() -> None:
+    text = (ROOT / "workflows" / "cluster.yaml").read_text()
+    config = yaml.safe_load(text)
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in text
