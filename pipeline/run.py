@@ -22,6 +22,7 @@ from typing import Any
 from pipeline.config import RunConfig
 from pipeline.inputs import discover
 from pipeline.outlock import OutputLock, check_fingerprint, output_fingerprint
+from pipeline.ray_local import init_ray
 from stages.base import KIND_TRANSIENT, STATUS_EMPTY, STATUS_QUARANTINED, RetryPolicy, Row, Stage, StageContext
 from stages.decode import DecodeStage
 from stages.filter import FilterStage
@@ -82,43 +83,6 @@ def preflight(cfg: RunConfig, stages: list[Stage]) -> None:
             raise PreflightError(f"{s.name} reads the enhanced stream but the enhance stage is disabled (enhance.enabled)")
     for s in stages:
         s.check()
-
-
-def _init_ray(cfg: RunConfig, address: str | None, *, verbose: bool = False) -> None:
-    # Read by Ray at import time: without it an embedded Ray binds its gRPC servers, raylet
-    # and dashboard agent to every interface of the machine, not just loopback.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-    if address:
-        # On a cluster the code reaches workers through the job's runtime_env (ray job
-        # submit --working-dir) or an install on the nodes; adding a runtime_env here would
-        # conflict with the job's own.
-        ray.init(address=address, log_to_driver=True)
-        return
-    # Embedded Ray: every listener on loopback, no dashboard, quiet workers.
-    kwargs: dict[str, Any] = {
-        "_node_ip_address": "127.0.0.1",
-        # "local" always starts a private instance; a bare ray.init() would attach to any
-        # cluster already running on this machine (someone else's, or a stale one).
-        "address": "local",
-        "include_dashboard": False,
-        "runtime_env": {"env_vars": env},
-        "log_to_driver": verbose,
-        "configure_logging": True,
-        "logging_level": logging.INFO if verbose else logging.WARNING,
-    }
-    if cfg.ray.num_cpus:
-        kwargs["num_cpus"] = cfg.ray.num_cpus
-    if cfg.ray.object_store_memory_gb:
-        kwargs["object_store_memory"] = int(cfg.ray.object_store_memory_gb * 1e9)
-    ray.init(**kwargs)
 
 
 def check_resources(stages: list[Stage], cluster: dict[str, float]) -> None:
@@ -206,7 +170,7 @@ def _run_locked(
         if skipped:
             print(f"resume: {skipped} of {len(sources)} inputs already committed in {out}", file=sys.stderr)
         if todo:
-            _init_ray(cfg, address, verbose=verbose)
+            init_ray(cfg, address, verbose=verbose)
             import ray
 
             if not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS")):
