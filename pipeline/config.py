@@ -7,17 +7,25 @@ and turns any validation failure into one line that names the file and the dotte
     configs/local.yaml: transcribe.batch_size: must be >= 1 (got 0)
 
 The resolved config is written to ``OUT/config.yaml`` so a run can be reproduced exactly.
+
+Secrets (a Hugging Face token, say) never come from a config: a config is copied into
+``OUT/config.yaml``, shared with the dataset and pasted into bug reports. Backends read them
+from the environment (``HF_TOKEN``) when they start, and a profile or ``--set`` that still
+gives one (a key of :data:`SECRET_KEYS` with a value) is refused with one line that says
+which variable to export instead, without repeating the value.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from stages.decode import DecodeConfig
 from stages.diarize import DiarizeConfig
@@ -33,6 +41,49 @@ from stages.write import WriteConfig
 
 class ConfigError(ValueError):
     """A config problem, already phrased for the user as one line."""
+
+
+#: Keys, in any section, that would hold a credential, and the environment variable to
+#: export instead (None: the backend's own variable).
+SECRET_KEYS: dict[str, str | None] = {
+    "hf_token": "HF_TOKEN",
+    "use_auth_token": "HF_TOKEN",
+    "token": "HF_TOKEN",
+    "auth_token": None,
+    "api_key": None,
+    "password": None,
+    "secret": None,
+}
+
+
+def _secrets_in(raw: Any, prefix: str = "") -> Iterator[str]:
+    """Dotted keys of ``raw`` that give a value to a :data:`SECRET_KEYS` key."""
+    if not isinstance(raw, dict):
+        return
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key in SECRET_KEYS and value not in (None, ""):
+            yield dotted
+        elif isinstance(value, dict):
+            yield from _secrets_in(value, f"{dotted}.")
+
+
+def _secret_message(dotted: str) -> str:
+    env = SECRET_KEYS[dotted.rsplit(".", 1)[-1]]
+    how = f"export {env}=... instead" if env else "set it in the environment variable its backend reads instead"
+    return (
+        f"{dotted}: secrets are not read from config files (the config is copied into OUT/config.yaml): "
+        f"remove the key and {how}"
+    )
+
+
+def without_secrets(dump: Any) -> Any:
+    """``dump`` (a ``model_dump``) without any :data:`SECRET_KEYS` key, at any depth."""
+    if isinstance(dump, dict):
+        return {k: without_secrets(v) for k, v in dump.items() if k not in SECRET_KEYS}
+    if isinstance(dump, list):
+        return [without_secrets(v) for v in dump]
+    return dump
 
 
 class RayConfig(BaseModel):
@@ -84,7 +135,8 @@ class FailuresConfig(BaseModel):
 class RunConfig(BaseModel):
     """The whole run: one section per stage plus Ray and model settings."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Inputs are left out of str(ValidationError) so that a refused secret is never echoed.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
     profile: str = Field("custom", description="A name for this profile, recorded with the output.")
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -104,19 +156,55 @@ class RunConfig(BaseModel):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_secrets(cls, data: Any) -> Any:
+        """Refuse a credential given as a value (see the module docstring)."""
+        for dotted in _secrets_in(data):
+            raise PydanticCustomError("literal_secret", _secret_message(dotted))
+        return data
+
     def config_hash(self) -> str:
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved config as YAML, as written to ``OUT/config.yaml``; never a secret key."""
+        return yaml.safe_dump(without_secrets(self.model_dump(mode="json")), sort_keys=False)
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed beside ``loc[-1]``: the fields of the section that holds it."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = getattr(field, "annotation", None)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _unknown_key_hint(loc: tuple[Any, ...]) -> str:
+    """``did you mean ...`` for a misspelt key, else the section's keys: the fix is in the message."""
+    import difflib
+
+    known = _known_keys(loc)
+    if not known:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    if close:
+        return f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?)"
+    where = ".".join(map(str, loc[:-1])) or "the top level"
+    return f" (keys of {where}: {', '.join(known)})"
 
 
 def _describe(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
+    if kind == "literal_secret":  # the message names the key; the input holds the secret
+        return str(err["msg"])
     if kind == "extra_forbidden":
-        return f"{loc}: unknown key"
+        return f"{loc}: unknown key{_unknown_key_hint(tuple(err['loc']))}"
     ctx = err.get("ctx") or {}
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
@@ -155,7 +243,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"{name}: config file not found")
+            raise ConfigError(f"{name}: config file not found (pass --config with a YAML profile, e.g. configs/local.yaml)")
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
@@ -169,6 +257,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raw = loaded
     for item in overrides:
         _apply_override(raw, item)
+    for dotted in _secrets_in(raw):
+        raise ConfigError(f"{name}{' with --set' if overrides else ''}: {_secret_message(dotted)}")
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

@@ -45,9 +45,14 @@ class DiarizeConfig(StageConfig):
     model: str = Field(
         "",
         description="pyannote backend: local pipeline directory (community-1 or 3.1 layout, with "
-        "config.yaml) or a Hugging Face id (needs hf_token). Unused by the offline backend.",
+        "config.yaml) or a Hugging Face id (needs the token in $token_env). Unused by the offline backend.",
     )
-    hf_token: str | None = Field(None, description="Token for a hub id in `model` (else $HF_TOKEN).")
+    token_env: str = Field(
+        "HF_TOKEN",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the Hugging Face token for a hub id in "
+        "`model`. Only the name is configured: the token itself never enters a config or OUT.",
+    )
     embedding: Literal["resemblyzer", "speechbrain", "pyannote"] = Field(
         "resemblyzer",
         description="Speaker-embedding model for the offline backend's windows and for post-processing "
@@ -194,7 +199,7 @@ class DiarizeStage(Stage):
 
         c = self.config
         if c.backend == "pyannote":
-            check_pyannote_ref(c.model, c.hf_token, "diarize.model")
+            check_pyannote_ref(c.model, None, "diarize.model", token_env=c.token_env)
         if c.needs_embedder and self.embedder is None:
             if c.embedding == "resemblyzer":
                 resolve_packaged("resemblyzer", "diarize.embedding", self.context.cache_dir)
@@ -214,8 +219,9 @@ class DiarizeStage(Stage):
         else:
             self.backend = PyannoteBackend(
                 c.model,
-                c.hf_token,
+                None,
                 device,
+                token_env=c.token_env,
                 segmentation_step=c.segmentation_step,
                 embedding_batch_size=c.pyannote_batch_size,
                 segmentation_batch_size=c.pyannote_batch_size,
