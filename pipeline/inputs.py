@@ -44,9 +44,11 @@ def _manifest(path: Path) -> list[Source]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+                raise InputError(
+                    f'{path}:{n}: not valid JSON ({exc.msg}); each line must be one object like {{"source": "clip.wav"}}'
+                ) from None
             if not isinstance(item, dict) or not isinstance(item.get("source"), str):
-                raise InputError(f'{path}:{n}: each line needs a "source" string')
+                raise InputError(f'{path}:{n}: each line needs a "source" string, like {{"source": "clip.wav"}}')
             src = item.pop("source")
             p = Path(src[7:] if src.startswith("file://") else src).expanduser()
             if not p.is_absolute():

@@ -154,16 +154,19 @@ def eval_diarization(
         averages JER, and adds the real-time factor and speaker-count error.
 
     Raises:
-        FileNotFoundError: no audio input, or no reference for any input.
+        UsageError: no audio input, or no reference for any input (nothing is written then).
     """
     from stages.diarize.stage import DiarizeStage
 
+    from pipeline.usage import UsageError
+
     reference, inputs, out_dir = Path(reference), Path(inputs), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     refs = _references(reference)
     files = [f for f in _find_inputs(inputs) if f.stem in refs]
     if not files:
-        raise FileNotFoundError(f"no audio under {inputs} matches a reference uri in {reference}")
+        raise UsageError(f"no audio under {inputs} matches a reference uri in {reference} "
+                         "(name each audio file after its RTTM uri or RTTM file stem)")
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to score
     if stage is None:
         stage = DiarizeStage(config)
         stage.check()
