@@ -5,7 +5,7 @@ own 30 s Whisper window makes the encoder do 5-15x the work the speech needs; pa
 turns into one window (``transcribe.pack_windows``) removes most of it. This script measures
 both on espeak-ng conversations with known turns and text (``benchmarks/corpus.py``), cutting
 each turn as one segment, and runs faster-whisper's own ``BatchedInferencePipeline`` (Silero
-VAD, batch 8) on the whole recordings as the speed to beat (DESIGN §10: RTF 0.09 with base).
+VAD, batch 8) on the whole recordings as the speed to beat (RTF about 0.09 with base on a laptop CPU).
 
     .venv/bin/python benchmarks/bench_asr_packing.py                 # ~3 min of audio
     .venv/bin/python benchmarks/bench_asr_packing.py --minutes 1 --batch 16

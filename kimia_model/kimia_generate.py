@@ -1,7 +1,6 @@
 """Kimi-Audio generation: both streams decoded step by step, text leading audio.
 
-The loop follows upstream's ``KimiAudio._generate_loop`` (reference ``kimi_audio.md``
-§1.9-1.10):
+The loop follows upstream's ``KimiAudio._generate_loop``:
 
 * prefill the dual-stream prompt (with Whisper features) once, then feed back one
   ``(audio, text)`` pair per step on the KV cache;

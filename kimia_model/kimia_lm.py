@@ -1,7 +1,7 @@
 """Kimi-Audio's dual-stream language model, natively on transformers' Qwen2 building blocks.
 
 Kimi-Audio (MoonshotAI) is a Qwen2.5-7B decoder that reads and writes two parallel token
-streams (reference: ``shared/reference/kimi_audio.md`` §1.5-1.6):
+streams (as in upstream's ``modeling_kimia.py``):
 
 * every position carries an **audio-stream** id and a **text-stream** id; both are looked
   up in one shared embedding table and summed;
@@ -47,7 +47,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 #: Keys of ``config.json`` that only Kimi-Audio has, with the values used when a config lacks
-#: them. These are the ``KimiAudioConfig`` class defaults (reference §1.5) except the audio
+#: them. These are the ``KimiAudioConfig`` class defaults except the audio
 #: delay: the class default is 5, but the technical report and the first public inference code
 #: (which hard-coded it) use 6, so a config that omits the key gets 6.
 KIMIA_DEFAULTS: dict[str, Any] = {

@@ -11,7 +11,7 @@ schema; ``"type"`` is accepted as an alias of ``"message_type"``):
 * ``audio-text`` (assistant history): content is ``[audio, transcript]``.
 
 :class:`PromptBuilder` turns them into a :class:`DualStreamPrompt` exactly as upstream's
-``KimiAPromptManager`` lays the streams out (reference ``kimi_audio.md`` §1.8), and checks
+``KimiAPromptManager`` lays the streams out, and checks
 the input first, with errors that say which message is wrong and why (upstream asserts or
 fails deep in the model; its issues #1, #92, #124, #157).
 

@@ -1,7 +1,7 @@
 """Model references: where each stage's weights come from, and one clear error when they don't.
 
 A model reference is the string a config puts under a stage's ``model`` key. It names
-upstream weights in the format they ship in (DESIGN §6):
+upstream weights in the format they ship in:
 
 * ``pkg:NAME``: weights an installed pip package ships (see :data:`PACKAGED`); works offline.
 * a path to a file (openai-whisper ``.pt``, a BSRNN ``.safetensors``, a codebook ``.npy``)

@@ -2,7 +2,7 @@
 
 Kimi-Audio's discrete audio tokens come from GLM-4-Voice's ``WhisperVQEncoder``: the first 16
 layers of a fine-tuned whisper-large-v3 encoder, average pooling by 4 (50 Hz -> 12.5 Hz) and a
-nearest-neighbour lookup in a 16384 x 1280 codebook (reference/kimi_audio.md §2). This module
+nearest-neighbour lookup in a 16384 x 1280 codebook (GLM-4-Voice's speech tokenizer). This module
 re-implements that encoder natively so that:
 
 * the upstream Hugging Face directory (``config.json`` + ``model.safetensors``) loads with its
@@ -170,8 +170,8 @@ class LogMel(nn.Module):
 class WhisperVQConfig:
     """The keys of GLM-4-Voice's ``WhisperVQConfig`` that change the inference graph.
 
-    Defaults are the plain-Whisper behaviour; the upstream ``config.json`` sets the VQ keys
-    (reference/kimi_audio.md §2.1). Unknown keys of an upstream config are ignored on purpose:
+    Defaults are the plain-Whisper behaviour; the upstream ``config.json`` sets the VQ keys.
+    Unknown keys of an upstream config are ignored on purpose:
     they are training or decoder settings.
     """
 

@@ -1,7 +1,7 @@
 """Export a run's shards as Kimi-Audio fine-tuning data (``kimia-curate export kimi-audio``).
 
-Kimi-Audio's ``finetune_codes`` read a JSONL file, one sample per line (reference/kimi_audio.md
-§4.1-4.4)::
+Kimi-Audio's ``finetune_codes`` read a JSONL file, one sample per line (the layout
+of its fine-tuning data)::
 
     {"task_type": "understanding",
      "conversation": [
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-#: ``kimia_token_offset``: LLM id of GLM code 0 (reference/kimi_audio.md §1.4, Appendix A).
+#: ``kimia_token_offset``: LLM id of GLM code 0 (the text vocabulary of Kimi-Audio's Qwen2.5 LM ends below it).
 AUDIO_TOKEN_OFFSET = 152064
 #: GLM-4-Voice codebook size; shifted ids must stay below offset + this.
 AUDIO_VOCAB = 16384
@@ -108,7 +108,7 @@ def validate_line(obj: dict[str, Any], *, check_files: bool = True) -> None:
 def iter_shard_samples(run_dir: Path) -> Iterator[tuple[str, str, dict[str, bytes]]]:
     """``(shard name, key, {member: bytes})`` for every sample of ``run_dir/shards/*.tar``, in order.
 
-    WebDataset members are ``<key>.<member>``; the key never contains a dot (DESIGN §5).
+    WebDataset members are ``<key>.<member>``; the key never contains a dot (README, Output).
     """
     shards = sorted((run_dir / "shards").glob("shard-*.tar"))
     if not shards:

@@ -2,7 +2,7 @@
 
 The filter never measures anything; it reads the fields that ``transcribe``, ``quality`` and
 ``roundtrip`` wrote and compares them with thresholds, so a run can be re-thresholded from
-its index without recomputing a single model (peers.md §11.4). A signal that is absent
+its index without recomputing a single model. A signal that is absent
 (its stage was disabled) or ``None`` (not measurable, e.g. SNR of digital silence) is not
 checked: a disabled stage must never drop data by accident.
 
@@ -19,14 +19,14 @@ primary one; "measured here" = numbers printed by this repository's tests/benchm
 threshold                       default         source
 ==============================  ==============  ===================================================
 languages                       en, zh          Kimi-Audio report: LID with Whisper-large-v3, keeps
-                                                only English and Mandarin (kimi_audio.md §pre-train)
+                                                only English and Mandarin (pre-training data)
 min_language_prob               0.8             Emilia-Pipe ``asr``: language kept when prob > 0.8
-                                                (Granary uses 0.7; peers.md §3, §11.4)
+                                                (Granary uses 0.7)
 min_duration_s                  1.0             Emilia-Pipe ``cut_by_speaker_label``: segments
-                                                < 1 s are dropped (peers.md §3)
+                                                < 1 s are dropped
 max_duration_s                  30.0            Emilia-Pipe MAX_SEGMENT_LENGTH = 30 s; also
                                                 Whisper's 30 s window, beyond which transcripts of
-                                                one segment are stitched (peers.md §3)
+                                                one segment are stitched
 min_snr_db                      10.0            no peer publishes a WADA-SNR cut-off (DataSpeech's
                                                 25 dB is a brouhaha SNR for TTS data [U]); project
                                                 choice: at 10 dB broadband noise is plainly audible
@@ -43,7 +43,7 @@ max_clipping_ratio              0.001           measured here: clean clips 0-0.0
 max_silence_ratio               0.5             a VAD/diarization segment that is mostly silence
                                                 is a segmentation error; project choice
 min/max_words_per_s             0.5 / 5.0       NeMo Curator's speaking-rate example is 1.5-5 words
-                                                per s (peers.md §9); the lower end is relaxed to 0.5
+                                                per s; the lower end is relaxed to 0.5
                                                 because short segments carry leading/trailing pauses
                                                 ("hello world" in 1.1 s of audio is 1.75 words/s)
 max_chars_per_s                 25.0            NeMo Curator audio tutorial: 8-25 chars/s for
@@ -60,7 +60,7 @@ max_no_speech_prob (with text)  0.6             openai-whisper transcribe(): no_
 min_avg_logprob                 -1.0            openai-whisper transcribe(): logprob_threshold
 max_rt_wer                      None            round-trip WER has no published cut-off for
                                                 Kimi-Audio; Curator's second-pass WER filter is
-                                                0.10 (peers.md §11.4), set it when round-trip runs
+                                                0.10; set it when round-trip runs
 ==============================  ==============  ===================================================
 
 Duplicates: :func:`mark_duplicates` / :class:`DuplicateTracker` flag exact-duplicate audio

@@ -1,6 +1,6 @@
 """Per-segment quality signals: measured here, judged later by ``stages/filter.py``.
 
-The quality stage only *measures*; thresholds live in the filter (peers.md §11.4: "record
+The quality stage only *measures*; thresholds live in the filter (the practice of the published speech-data pipelines: "record
 every score and apply thresholds in a separate filter stage, so audits can re-threshold
 without recompute"). Every signal is a plain number (or ``None`` when it cannot be measured,
 e.g. SNR of digital silence), so it lands in the shard's ``json`` and the Parquet index.

@@ -1,4 +1,4 @@
-"""The fields rows carry between stages (DESIGN §2), in one place.
+"""The fields rows carry between stages (the stage order is in the README), in one place.
 
 Rows are plain dicts so that a stage can be tested on a list of them without Ray, and so
 that heterogeneous, nested metadata never has to fit an Arrow schema between stages (the

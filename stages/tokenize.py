@@ -1,6 +1,6 @@
 """Tokenize stage: 12.5 Hz semantic tokens and aligned continuous Whisper features per segment.
 
-Kimi-Audio represents audio twice (reference/kimi_audio.md §1.6-1.7, §2): discrete GLM-4-Voice
+Kimi-Audio represents audio twice (its technical report, audio tokenizer): discrete GLM-4-Voice
 Whisper+VQ tokens at 12.5 Hz and continuous Whisper encoder features grouped by 4 frames into
 12.5 Hz vectors, added together in the LLM's input. This stage computes both for every segment
 row so the shards carry what Kimi-Audio training consumes:

@@ -1,4 +1,4 @@
-"""The audit on small outputs built here in the documented layout (DESIGN §5; the writer's
+"""The audit on small outputs built here in the documented layout (README, Output; the writer's
 conventions in stages/write.py), intact and corrupted on purpose, locally and on Ray, plus
 the report opened in real headless Chromium."""
 

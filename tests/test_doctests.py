@@ -7,7 +7,11 @@ import importlib
 
 import pytest
 
-MODULES = ["stages.base", "stages.rows", "stages.audio", "stages.segment", "stages.textnorm", "stages.vad", "stages.quality", "stages.filter", "stages.audit.agg", "stages.audit.compare"]
+<<<<<<< HEAD
+MODULES = ["pipeline.guard", "stages.base", "stages.rows", "stages.audio", "stages.segment", "stages.textnorm", "stages.vad", "stages.quality", "stages.filter", "stages.audit.agg", "stages.audit.compare"]
+=======
+MODULES = ["pipeline.usage", "stages.base", "stages.rows", "stages.audio", "stages.segment", "stages.textnorm", "stages.vad", "stages.quality", "stages.filter", "stages.audit.agg", "stages.audit.compare"]
+>>>>>>> wip-helper2-unverified
 
 
 @pytest.mark.parametrize("name", MODULES)

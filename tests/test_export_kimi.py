@@ -34,7 +34,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def build_run(root: Path) -> Path:
-    """OUT/shards/shard-000000.tar with four samples (DESIGN §5 member names)."""
+    """OUT/shards/shard-000000.tar with four samples (member names as in the README, Output)."""
     (root / "shards").mkdir(parents=True)
     sr = 24000
     samples = [  # (key, seconds, text, token count delta)

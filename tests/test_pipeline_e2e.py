@@ -161,9 +161,12 @@ def test_kill_and_resume(corpus: Path, finished_run: Path, tmp_path: Path) -> No
     assert proc.wait(timeout=600) == 0, (tmp_path / "3.log").read_text()[-3000:]
     report = inspect_output(out)
     assert report["ok"], report["findings"]
-    keys = [r["key"] for r in _index_rows(out)]
+    keys = [r["key"] for r in _index_rows(out) + _index_rows(out / "dropped")]
     assert len(keys) == len(set(keys)), "duplicate samples after resume"
-    reference = [r["key"] for r in _index_rows(finished_run)]
+    # Kept and dropped together: which segments the filter keeps depends on the transcripts,
+    # and this run decodes with beam 1 (the reference with the profile's beam), so a verdict
+    # may differ; the segments themselves (diarization, no ASR) may not.
+    reference = [r["key"] for r in _index_rows(finished_run) + _index_rows(finished_run / "dropped")]
     assert sorted(keys) == sorted(reference), "missing or extra samples after resume"
     quarantined = pq.read_table(out / "quarantine.parquet").column("source").to_pylist()
     assert len(quarantined) == len(set(quarantined)) == 4

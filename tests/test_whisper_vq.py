@@ -38,7 +38,7 @@ def speechlike(n: int, seed: int = 0) -> np.ndarray:
 
 
 def upstream_config(**over: object) -> dict:
-    """A tiny config.json in GLM-4-Voice's layout (same keys as the shipped one, §2.1)."""
+    """A tiny config.json in GLM-4-Voice's layout (same keys as the shipped one)."""
     cfg = {
         "architectures": ["WhisperVQEncoder"],
         "model_type": "whisper",

@@ -28,7 +28,7 @@ from stages.audit.agg import Example, SetAggregate, TopK
 from stages.quality import audio_fingerprint
 from stages.rows import finite_or_none
 
-#: Semantic tokens per second (GLM-4-Voice Whisper-VQ; kimi_audio.md §2.4).
+#: Semantic tokens per second (GLM-4-Voice Whisper-VQ: one token per 1280 samples at 16 kHz).
 TOKEN_RATE_HZ = 12.5
 #: Allowed difference between the token count and 12.5 x duration: one token of framing.
 TOKEN_TOLERANCE = 1.0

@@ -3,8 +3,8 @@
 * :class:`OfflineBackend` uses only models that pip ships with their weights: Silero VAD
   finds speech, a speaker embedder (see :mod:`stages.diarize.embedders`) embeds sliding
   windows (1.5 s, hop 0.75 s) in bounded batches, and spectral clustering with an eigengap
-  picks the number of speakers (DESIGN §9: DER 9.2 % on the pyannote sample with
-  resemblyzer). Memory is bounded on long recordings: embeddings are extracted batch by
+  picks the number of speakers (DER 9.2 % on the pyannote sample with resemblyzer,
+  checked by ``tests/test_diarize_stage.py``). Memory is bounded on long recordings: embeddings are extracted batch by
   batch (only ``embed_batch_size`` windows of audio and features are alive at once), and the
   O(N^2) affinity matrix is built on at most ``max_cluster_windows`` randomly chosen windows;
   the remaining windows join the nearest cluster centroid.
@@ -12,7 +12,8 @@
   from a local directory (``speaker-diarization-community-1`` layout: ``config.yaml`` with
   ``$model/segmentation``, ``$model/embedding``, ``$model/plda``; or the 3.1 layout whose
   ``config.yaml`` names hub ids, resolved to ``segmentation/`` and ``embedding/`` sub-folders)
-  or from a Hugging Face id with a token. Audio is passed in memory as
+  or from a Hugging Face id with a token read from the environment (``HF_TOKEN``: never
+  from the config, which is copied into the output). Audio is passed in memory as
   ``{"waveform", "sample_rate"}`` so FFmpeg/torchcodec are never needed.
 """
 
@@ -218,7 +219,7 @@ class OfflineBackend:
         if p.center and x.shape[0] > 1:
             # Subtracting the recording's mean embedding removes what all its windows share
             # (channel, language, the model's squeezed common direction) and leaves what
-            # separates the speakers (DESIGN §9).
+            # separates the speakers (resemblyzer cosines are squeezed otherwise).
             x = l2_normalize(x - x.mean(axis=0, keepdims=True))
         n = x.shape[0]
         if n < p.min_windows_to_split and not p.num_speakers:
@@ -286,8 +287,23 @@ _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HOW_PYANNOTE = (
     "Stage a pyannote pipeline directory there on a machine with network access "
     "(huggingface-cli download pyannote/speaker-diarization-community-1 --local-dir DIR, after "
-    "accepting its conditions), or set it to a Hugging Face id and give diarize.hf_token."
+    "accepting its conditions), or set it to a Hugging Face id and export HF_TOKEN."
 )
+#: The environment variable a Hugging Face token is read from.
+TOKEN_ENV = "HF_TOKEN"
+
+
+def hub_token(token: str | None = None, token_env: str = TOKEN_ENV) -> str | None:
+    """The Hugging Face token to use: ``token`` if code passed one, else ``$token_env``.
+
+    Read when a backend is checked or set up, never stored in a config (see
+    :mod:`pipeline.config`), so it cannot reach ``OUT/config.yaml``, logs or the manifest.
+
+    Args:
+        token: a token handed over by calling code (a config never provides one).
+        token_env: the environment variable to read otherwise.
+    """
+    return token or os.environ.get(token_env) or None
 
 
 def quiet_pyannote() -> None:
@@ -300,10 +316,13 @@ def is_hf_id(ref: str) -> bool:
     return bool(_HF_ID.match(ref)) and not Path(ref).expanduser().exists()
 
 
-def check_pyannote_ref(ref: str, token: str | None, key: str = "diarize.model") -> Path | str:
+def check_pyannote_ref(
+    ref: str, token: str | None, key: str = "diarize.model", *, token_env: str = TOKEN_ENV
+) -> Path | str:
     """Validate a pyannote pipeline reference cheaply (files only, no model load).
 
-    Returns the local directory, or the hub id when a token is available.
+    Returns the local directory, or the hub id when a token is available (see
+    :func:`hub_token`).
 
     Raises:
         ModelNotFoundError: naming the missing file, the config key and how to stage it.
@@ -311,10 +330,10 @@ def check_pyannote_ref(ref: str, token: str | None, key: str = "diarize.model") 
     if not ref:
         raise missing("<unset>", key, _HOW_PYANNOTE)
     if is_hf_id(ref) and not ref.startswith((".", "/", "~")):
-        if token or os.environ.get("HF_TOKEN"):
+        if hub_token(token, token_env):
             return ref
         raise missing(
-            ref, key, "It is not a local directory and no Hugging Face token was given. " + _HOW_PYANNOTE
+            ref, key, f"It is not a local directory and ${token_env} is not set. " + _HOW_PYANNOTE
         )
     p = Path(ref).expanduser()
     cfg = p / "config.yaml" if p.is_dir() or not p.suffix else p
@@ -370,12 +389,13 @@ class PyannoteBackend:
         max_speakers: int = 8,
         num_speakers: int | None = None,
         key: str = "diarize.model",
+        token_env: str = TOKEN_ENV,
     ) -> None:
         quiet_pyannote()
         import torch
         from pyannote.audio import Pipeline
 
-        where = check_pyannote_ref(model, token, key)
+        where = check_pyannote_ref(model, token, key, token_env=token_env)
         overrides = {
             k: v
             for k, v in (
@@ -399,7 +419,7 @@ class PyannoteBackend:
                     params["plda"] = PLDA.__new__(PLDA)
                 pipe = Pipeline.from_pretrained(config)
             else:
-                pipe = Pipeline.from_pretrained(where, token=token or os.environ.get("HF_TOKEN"))
+                pipe = Pipeline.from_pretrained(where, token=hub_token(token, token_env))
                 for k, v in overrides.items():
                     if k == "segmentation_step":
                         continue  # fixed at construction for hub pipelines

@@ -4,7 +4,7 @@ Three models, one call (:meth:`SpeakerEmbedder.embed`: a list of 16 kHz mono wav
 ``[B, D]`` L2-normalised embeddings out):
 
 * ``resemblyzer`` (d-vector, 256-d): the ``resemblyzer`` wheel ships the weights, so it works
-  offline here. Weak, and its cosines are squeezed (DESIGN §9).
+  offline here. Weak, and its cosines are squeezed into a narrow band near 1.
 * ``speechbrain`` (ECAPA-TDNN, 192-d): a local copy of ``speechbrain/spkrec-ecapa-voxceleb``
   (``hyperparams.yaml`` + ``embedding_model.ckpt`` ...), loaded with speechbrain's own
   ``EncoderClassifier.from_hparams`` with ``pretrained_path`` pointed at the directory.

@@ -1,6 +1,6 @@
 """Kimi-Audio's diarization post-processing as pure functions over turns and embeddings.
 
-The Kimi-Audio report (``shared/reference/kimi_audio.md`` §5.3) cleans raw diarization in
+The Kimi-Audio technical report (data pipeline, diarization) cleans raw diarization in
 three steps, and we add a fourth for overlapped speech:
 
 1. **Speaker-cluster merging** (:func:`merge_clusters`): one centroid embedding per speaker;
