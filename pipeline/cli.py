@@ -112,11 +112,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg, path = _load(args)
     from pipeline.run import format_summary, run
 
-    # Passed only when set, so this CLI also drives a run() that predates them.
-    flags = {"retry_quarantined": args.retry_quarantined, "allow_config_change": args.allow_config_change,
-             "verbose": bool(args.verbose)}
-    summary = run(cfg, args.input, args.output, address=args.address, config_path=path, progress=not args.quiet,
-                  **{k: v for k, v in flags.items() if v})
+    summary = run(
+        cfg, args.input, args.output, address=args.address, config_path=path, progress=not args.quiet,
+        retry_quarantined=args.retry_quarantined, allow_config_change=args.allow_config_change,
+        verbose=bool(args.verbose),
+    )
     print(format_summary(summary))
     print(f"output: {Path(args.output).resolve()}")
     return EXIT_FAILED if summary.get("failed") else 0

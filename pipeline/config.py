@@ -100,8 +100,12 @@ class RayConfig(BaseModel):
     object_store_memory_gb: float | None = Field(
         None, gt=0, description="Object store size for the embedded Ray (default: Ray's choice)."
     )
-    max_in_flight_recordings: int = Field(
-        64, ge=1, description="Recordings read ahead of the writer; bounds driver memory."
+    recordings_per_batch: int = Field(
+        2, ge=1, le=1024,
+        description="Recordings per call of a per-segment stage (transcribe, tokenize, quality, ...). The "
+        "stage's own batch_size then caps segments per model call, cut between whole recordings. Each "
+        "recording holds its audio once, so this bounds a worker's memory: a few long recordings, or more "
+        "short ones.",
     )
 
 

@@ -5,6 +5,13 @@ heterogeneous (a recording, a segment, a quarantine record) and carry nested met
 variable-length arrays; pickling them whole (protocol 5, arrays as raw buffers) keeps Ray's
 Arrow blocks trivially uniform, so schema unification never fails half-way through a run.
 
+One row per recording flows (``stages/rows.py``). A recording-level stage (decode, enhance,
+diarize, write) takes its own ``batch_size`` recordings per call; a per-segment stage takes
+``ray.recordings_per_batch`` recordings and cuts its model batches of ``batch_size`` segments
+between them. Small recording batches let recordings stream through and commit early. The
+write stage commits on the worker and returns one small outcome per recording, so the
+driver receives no audio.
+
 Model stages run in fixed-size actor pools (one model load per actor, ``num_gpus`` per actor);
 model-free stages run as stateless tasks.
 """
@@ -46,7 +53,46 @@ def run_task(batch: dict[str, Any], stage: Stage) -> dict[str, list[bytes]]:
     return pack(stage(unpack(batch)))
 
 
-def build_dataset(items: list[Row], stages: list[Stage], *, parallelism: int | None = None) -> Any:
+class DuplicateRegistry:
+    """A Ray actor holding the run's exact-duplicate fingerprints (strings, never audio).
+
+    Writers on every worker ask it, one call per recording, which of their samples repeat
+    one already written; it is seeded with the fingerprints committed by earlier runs.
+    """
+
+    def __init__(self, seed: list[tuple[str, str]]) -> None:
+        from stages.write import LocalDuplicates
+
+        self.local = LocalDuplicates()
+        self.local.check_many(list(seed))
+
+    def check_many(self, pairs: list[tuple[str, str | None]]) -> list[str | None]:
+        return self.local.check_many(pairs)
+
+
+class RayDuplicates:
+    """The :class:`stages.write.Duplicates` interface over a :class:`DuplicateRegistry` actor."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def check_many(self, pairs: list[tuple[str, str | None]]) -> list[str | None]:
+        import ray
+
+        return ray.get(self.handle.check_many.remote(pairs)) if pairs else []
+
+
+def duplicate_registry(seed: Iterator[tuple[str, str]]) -> RayDuplicates:
+    """Start the run's duplicate registry (no CPU reserved: it only answers lookups)."""
+    import ray
+
+    actor = ray.remote(num_cpus=0)(DuplicateRegistry).remote([(k, fp) for k, fp in seed if fp])
+    return RayDuplicates(actor)
+
+
+def build_dataset(
+    items: list[Row], stages: list[Stage], *, parallelism: int | None = None, recordings_per_batch: int = 2,
+) -> Any:
     """Lazily build the streaming dataset: ``items`` through every stage, in order."""
     import ray.data
 
@@ -54,7 +100,7 @@ def build_dataset(items: list[Row], stages: list[Stage], *, parallelism: int | N
     for stage in stages:
         cfg = stage.config
         common: dict[str, Any] = {
-            "batch_size": cfg.batch_size,
+            "batch_size": cfg.batch_size if stage.level == "recording" else recordings_per_batch,
             "batch_format": "numpy",
             "num_cpus": cfg.num_cpus,
         }

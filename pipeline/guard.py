@@ -231,7 +231,6 @@ SPEED_KEYS = frozenset({
     "batch_size", "num_workers", "num_cpus", "num_gpus", "device",
     "cpu_threads", "torch_threads", "onnx_threads",
     "embed_batch_size", "pyannote_batch_size", "max_batch_windows",
-    "commit_interval_s",
     "token_env",  # names where a credential is read from, never what is written
 })
 #: Top-level entries that are not about outputs: cluster placement and read-ahead (``ray``),
@@ -249,7 +248,7 @@ def output_fingerprint(cfg: RunConfig | Mapping[str, Any]) -> str:
     * in every stage section (and nested sections): ``batch_size``, ``num_workers``,
       ``num_cpus``, ``num_gpus``, ``device``, the thread counts (``cpu_threads``,
       ``torch_threads``, ``onnx_threads``), the inner batch sizes (``embed_batch_size``,
-      ``pyannote_batch_size``, ``max_batch_windows``) and ``write.commit_interval_s``:
+      ``pyannote_batch_size``, ``max_batch_windows``):
       stages are written so that results do not depend on batching or placement (up to
       floating-point noise between devices);
     * the ``ray`` section (cluster address, CPUs, object store, read-ahead), ``models``

@@ -1,6 +1,7 @@
-"""``kimia-curate inspect OUT``: re-read every shard and check it against index and manifest.
+"""``kimia-curate inspect OUT``: re-read every committed shard and check it against its index.
 
-A shard is trusted only if its bytes hash to the manifest's sha256, its samples are exactly
+The ledger (``OUT/_state``) says which shards are committed; ``manifest.json`` must agree
+with it. A shard is trusted only if its bytes hash to the sha256 its commit recorded, its samples are exactly
 the index's rows in the same order, every sample has its JSON and decodable audio, and
 every recording's segments sit together in one shard, in order. Any finding makes the
 command exit non-zero, so it can gate an upload.
@@ -18,57 +19,46 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from stages.write import sha256_file
+from stages.write import OutLayout, sha256_file
+from stages.write.layout import KEPT
 
 REQUIRED_JSON = ("recording_id", "source", "segment_index", "segment_count", "start_s", "end_s", "duration_s", "sample_rate")
 
 
-def _samples(tar_path: Path) -> list[tuple[str, dict[str, bytes]]]:
-    """Group tar members into samples by key, preserving order."""
-    out: list[tuple[str, dict[str, bytes]]] = []
-    with tarfile.open(tar_path) as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, _, ext = m.name.partition(".")
-            f = tar.extractfile(m)
-            data = f.read() if f else b""
-            if not out or out[-1][0] != key:
-                out.append((key, {}))
-            out[-1][1][ext] = data
-    return out
-
-
 def inspect_output(out: Path, *, decode_audio: bool = True) -> dict[str, Any]:
     """Verify an output directory; returns ``{"ok", "findings", "shards", "samples", ...}``."""
-    import pyarrow.parquet as pq
-
-    out = Path(out)
+    layout = OutLayout(out)
     findings: list[str] = []
-    manifest_path = out / "manifest.json"
-    if not manifest_path.is_file():
-        return {"ok": False, "findings": [f"{manifest_path}: missing (the run did not finish)"], "shards": 0, "samples": 0}
-    manifest = json.loads(manifest_path.read_text())
-    listed = {s["name"]: s for s in manifest.get("shards", [])}
-    on_disk = {p.name for p in (out / "shards").glob("*.tar")}
+    if not layout.manifest_path.is_file():
+        return {"ok": False, "findings": [f"{layout.manifest_path}: missing (the run did not finish)"],
+                "shards": 0, "samples": 0}
+    manifest = layout.read_manifest()
+    listed = {s["name"]: s for s in layout.committed_shards(KEPT)}
+    in_manifest = {s["name"] for s in manifest.get("shards", [])}
+    if in_manifest != set(listed):
+        findings.append(
+            f"manifest.json lists {len(in_manifest)} shards, the ledger commits {len(listed)} "
+            "(a run was interrupted: run the same command again to finish it)"
+        )
+    on_disk = {p.name for p in layout.shard_path({"name": "x", "root": KEPT}).parent.glob("*.tar")}
     for name in sorted(on_disk - set(listed)):
-        findings.append(f"shards/{name}: on disk but not in manifest.json")
+        findings.append(f"shards/{name}: on disk but not committed (an interrupted run's; the next run removes it)")
     total = 0
     seconds = 0.0
     where: dict[str, set[str]] = defaultdict(set)
     for name, entry in sorted(listed.items()):
-        tar_path = out / "shards" / name
-        idx_path = out / "index" / entry["index"]
+        tar_path = layout.shard_path(entry)
+        idx_path = layout.index_path(entry)
         if not tar_path.is_file():
-            findings.append(f"shards/{name}: listed in manifest.json but missing")
+            findings.append(f"shards/{name}: committed but missing")
             continue
         size = tar_path.stat().st_size
         if size != entry["bytes"]:
-            findings.append(f"shards/{name}: {size} bytes, manifest says {entry['bytes']}")
+            findings.append(f"shards/{name}: {size} bytes, its commit says {entry['bytes']}")
         if sha256_file(tar_path) != entry["sha256"]:
-            findings.append(f"shards/{name}: sha256 differs from manifest.json (edited or corrupted)")
+            findings.append(f"shards/{name}: sha256 differs from its commit (edited or corrupted)")
         try:
-            samples = _samples(tar_path)
+            samples = list(layout.iter_samples(entry))
         except (tarfile.TarError, EOFError, OSError) as exc:
             findings.append(f"shards/{name}: unreadable tar ({exc})")
             continue
@@ -76,7 +66,7 @@ def inspect_output(out: Path, *, decode_audio: bool = True) -> dict[str, Any]:
             findings.append(f"index/{entry['index']}: missing")
             index_keys: list[str] = []
         else:
-            index_keys = pq.read_table(idx_path, columns=["key"]).column("key").to_pylist()
+            index_keys = layout.read_index(entry, ["key"]).column("key").to_pylist()
         keys = [k for k, _ in samples]
         if keys != index_keys:
             missing_idx = sorted(set(keys) - set(index_keys))
@@ -86,7 +76,7 @@ def inspect_output(out: Path, *, decode_audio: bool = True) -> dict[str, Any]:
                 f"not in index: {missing_idx[:3]}, not in tar: {missing_tar[:3]})"
             )
         if len(samples) != entry["samples"]:
-            findings.append(f"shards/{name}: {len(samples)} samples, manifest says {entry['samples']}")
+            findings.append(f"shards/{name}: {len(samples)} samples, its commit says {entry['samples']}")
         last: dict[str, int] = {}
         for key, members in samples:
             total += 1

@@ -5,8 +5,10 @@ Order of events, chosen so that a mistake costs seconds, not hours:
 1. the config is validated and every enabled stage's ``check()`` runs in the driver: a
    missing weight file or an impossible device fails here, before Ray starts;
 2. the output's prior commits are read: committed sources are skipped (resume);
-3. the Ray Data graph streams rows back; each recording is committed once all its rows
-   arrived; the resolved config, quarantine table and manifest are (re)written at the end.
+3. the Ray Data graph streams one recording row per input through the stages; the write
+   stage, on the workers, commits each batch of finished recordings to OUT as it goes, and
+   only a small outcome per recording reaches the driver (no audio); the quarantine table
+   and manifest are derived from the ledger at the end.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from pipeline.config import RunConfig
 from pipeline.inputs import discover
 from pipeline.outlock import OutputLock, check_fingerprint, output_fingerprint
 from pipeline.ray_local import init_ray
-from stages.base import KIND_TRANSIENT, STATUS_EMPTY, STATUS_QUARANTINED, RetryPolicy, Row, Stage, StageContext
+from stages.base import KIND_TRANSIENT, RetryPolicy, Stage, StageContext
 from stages.decode import DecodeStage
 from stages.filter import FilterStage
 from stages.quality import QualityStage
 from stages.roundtrip import RoundtripStage
 from stages.segment import SegmentStage
 from stages.transcribe import TranscribeStage
-from stages.write import EncodeStage, ShardSink, summarize
+from stages.write import OutLayout, RecordingOutcome, WriteStage, summarize
 
 log = logging.getLogger("kimia_curate")
 
@@ -39,8 +41,8 @@ class PreflightError(RuntimeError):
     """The run cannot start; the message says what to fix."""
 
 
-def plan_stages(cfg: RunConfig, context: StageContext) -> list[Stage]:
-    """The enabled stages in DESIGN §2 order (decode and encode always run).
+def plan_stages(cfg: RunConfig, context: StageContext, out: Path | None = None, duplicates: Any = None) -> list[Stage]:
+    """The enabled stages in pipeline order (decode and write always run).
 
     Segmentation is diarization when ``diarize.enabled``, else Silero VAD (``segment``).
     """
@@ -65,7 +67,10 @@ def plan_stages(cfg: RunConfig, context: StageContext) -> list[Stage]:
         (cfg.filter, FilterStage),
     ]
     stages += [cls(section, context) for section, cls in optional if section.enabled]
-    stages.append(EncodeStage(cfg.write, context))
+    stages.append(WriteStage(
+        cfg.write, context, out=str(out) if out else None,
+        keep_dropped=cfg.filter.enabled and cfg.filter.keep_dropped, duplicates=duplicates,
+    ))
     retry = RetryPolicy(retries=cfg.failures.retries, backoff_s=cfg.failures.backoff_s)
     for s in stages:
         s.retry = retry
@@ -107,18 +112,6 @@ def check_resources(stages: list[Stage], cluster: dict[str, float]) -> None:
             )
 
 
-def _recording_key(row: Row) -> str:
-    return str(row.get("source"))
-
-
-def _complete(rows: list[Row]) -> bool:
-    first = rows[0]
-    if first.get("segment_index") is None and first.get("status") in (STATUS_QUARANTINED, STATUS_EMPTY):
-        return True
-    count = first.get("segment_count")
-    return count is not None and len(rows) >= int(count)
-
-
 def run(
     cfg: RunConfig,
     input_spec: str,
@@ -146,7 +139,7 @@ def run(
     t_start = time.perf_counter()
     out = Path(output).expanduser().resolve()
     context = StageContext(cache_dir=Path(cfg.models.cache_dir).expanduser(), config_path=config_path)
-    stages = plan_stages(cfg, context)
+    stages = plan_stages(cfg, context, out)
     preflight(cfg, stages)
     sources = discover(input_spec)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,58 +152,59 @@ def _run_locked(
     cfg: RunConfig, sources: list[Any], stages: list[Stage], out: Path, address: str | None,
     t_start: float, progress: bool, retry_quarantined: bool, verbose: bool,
 ) -> dict[str, Any]:
-    (out / "config.yaml").write_text(cfg.to_yaml())
-
-    keep_dropped = cfg.filter.enabled and cfg.filter.keep_dropped
+    layout = OutLayout(out)
+    layout.write_config(cfg.to_yaml())
+    removed = layout.sweep()  # remains of a killed run: shards no ledger entry names
+    if removed:
+        log.info("removed %d uncommitted files left by an interrupted run", len(removed))
+    latest = layout.latest_outcomes()
+    done = {o.source for o in latest if not (retry_quarantined and o.status == "quarantined")}
+    todo = [s for s in sources if s.uri not in done]
+    skipped = len(sources) - len(todo)
+    if skipped:
+        print(f"resume: {skipped} of {len(sources)} inputs already committed in {out}", file=sys.stderr)
+    this_run: list[RecordingOutcome] = []
     lost: list[dict[str, Any]] = []
-    with ShardSink(out, cfg.write, keep_dropped=keep_dropped) as sink:
-        done = sink.committed_sources(retry_quarantined=retry_quarantined)
-        todo = [s for s in sources if s.uri not in done]
-        skipped = len(sources) - len(todo)
-        if skipped:
-            print(f"resume: {skipped} of {len(sources)} inputs already committed in {out}", file=sys.stderr)
-        if todo:
-            init_ray(cfg, address, verbose=verbose)
-            import ray
+    first_commit_s: float | None = None
+    if todo:
+        init_ray(cfg, address, verbose=verbose)
+        import ray
 
-            if not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-                check_resources(stages, ray.cluster_resources())  # an autoscaling cluster may grow: local only
-            from pipeline.graph import build_dataset, iter_rows
+        if not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+            check_resources(stages, ray.cluster_resources())  # an autoscaling cluster may grow: local only
+        from pipeline.graph import build_dataset, duplicate_registry, iter_rows
 
-            items = [{"source": s.uri, "source_meta": s.meta, "status": "ok"} for s in todo]
-            ds = build_dataset(items, stages, parallelism=min(len(items), 200))
-            buffers: dict[str, list[Row]] = {}
-            bar = _progress(len(todo), progress)
-            for row in iter_rows(ds):
-                key = _recording_key(row)
-                buf = buffers.setdefault(key, [])
-                buf.append(row)
-                if _complete(buf):
-                    sink.add_recording(buffers.pop(key))
-                    bar.update(1)
-            bar.close()
-            for key, rows in buffers.items():  # a stage lost rows: never committed, never silent
-                log.error("incomplete recording %s: %d rows arrived", key, len(rows))
-                lost.append({"source": key, "stage": "pipeline", "error": f"incomplete: {len(rows)} rows arrived"})
-            seen = {o.source for o in sink.this_run} | set(buffers)
-            lost.extend(
-                {"source": s.uri, "stage": "pipeline", "error": "no output arrived"} for s in todo if s.uri not in seen
-            )
-    # Summaries are computed after the sink closed, so they include the final commit.
+        writer = stages[-1]
+        assert isinstance(writer, WriteStage)
+        writer.duplicates = duplicate_registry(layout.committed_fingerprints())
+        items = [{"source": s.uri, "source_meta": s.meta, "status": "ok"} for s in todo]
+        ds = build_dataset(items, stages, parallelism=min(len(items), 200),
+                           recordings_per_batch=cfg.ray.recordings_per_batch)
+        bar = _progress(len(todo), progress)
+        for row in iter_rows(ds):
+            if first_commit_s is None:
+                first_commit_s = time.perf_counter() - t_start
+            this_run.append(row["outcome"])
+            bar.update(1)
+        bar.close()
+        seen = {o.source for o in this_run}
+        lost = [{"source": s.uri, "stage": "pipeline", "error": "no output arrived"} for s in todo if s.uri not in seen]
+        for item in lost:  # never committed, never silent: the next run redoes them
+            log.error("no outcome for %s", item["source"])
+    layout.write_quarantine(layout.quarantine_records())
     wall = time.perf_counter() - t_start
-    summary = summarize(sink.latest())
-    this_run = summarize(sink.this_run)
-    this_run["failed"] = lost + [
-        q for o in sink.this_run for q in o.quarantine if q.get("kind") == KIND_TRANSIENT
-    ]
-    this_run["wall_seconds"] = round(wall, 3)
-    audio_s = this_run["hours_in"] * 3600
-    this_run["end_to_end_rtf"] = round(wall / audio_s, 5) if audio_s else None
-    summary["this_run"] = this_run
-    summary["failed"] = this_run["failed"]
+    summary = summarize(layout.latest_outcomes())
+    run_summary = summarize(this_run)
+    run_summary["failed"] = lost + [q for o in this_run for q in o.quarantine if q.get("kind") == KIND_TRANSIENT]
+    run_summary["wall_seconds"] = round(wall, 3)
+    run_summary["first_commit_seconds"] = None if first_commit_s is None else round(first_commit_s, 3)
+    audio_s = run_summary["hours_in"] * 3600
+    run_summary["end_to_end_rtf"] = round(wall / audio_s, 5) if audio_s else None
+    summary["this_run"] = run_summary
+    summary["failed"] = run_summary["failed"]
     summary["config_hash"] = cfg.config_hash()
     summary["profile"] = cfg.profile
-    sink.write_manifest(summary)
+    layout.write_manifest(summary)
     return summary
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.config import RunConfig
 from stages.audio import resample
 from stages.base import StageContext
-from stages.write import EncodeStage, ShardSink, summarize
+from stages.write import OutLayout, ShardWriter, summarize
 
 
 def run_synth(
@@ -40,31 +40,39 @@ def run_synth(
     asr = build_asr(rt.asr, context, stage.resolve_device())
     limit = rt.max_wer if threshold is None else threshold
     stats = SynthStats()
-    encode = EncodeStage(cfg.write, context)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    layout = OutLayout(output)
+    layout.write_config(cfg.to_yaml())
+    layout.sweep()
+    done = {o.source for o in layout.latest_outcomes()}  # re-running resumes: nothing is written twice
+    this_run = []
     bar = tqdm(desc="kept utterances", unit="utt", disable=not progress, file=sys.stderr)
-    with ShardSink(out, cfg.write) as sink:
-        done = sink.committed_sources()  # re-running resumes: committed utterances are not written twice
+    every = max(1, cfg.write.batch_size)
+    with ShardWriter(layout, cfg.write) as writer:
         for row in synthesize_corpus(texts, voices, stage.tts, asr, limit, per_text=per_text, stats=stats):  # type: ignore[arg-type]
             if row["source"] in done:
                 continue
             audio = resample(row["audio"], row["sample_rate"], cfg.decode.sample_rate)
             duration = audio.shape[0] / cfg.decode.sample_rate
-            segment = {
-                **row, "audio": audio, "sample_rate": cfg.decode.sample_rate, "duration_s": duration,
-                "recording_duration_s": duration, "segment_index": 0, "segment_count": 1,
-                "start_s": 0.0, "end_s": duration, "verdict": "keep", "drop_reasons": [],
+            segment_fields = ("text", "language", "speaker", "verdict", "drop_reasons")
+            recording = {
+                **{k: v for k, v in row.items() if k not in segment_fields}, "audio": audio,
+                "sample_rate": cfg.decode.sample_rate, "duration_s": duration, "status": "ok",
+                "segments": [{
+                    **{k: row[k] for k in segment_fields if k in row}, "segment_index": 0, "status": "ok",
+                    "start_s": 0.0, "end_s": duration, "verdict": "keep", "drop_reasons": [],
+                }],
             }
-            sink.add_recording(encode([segment]))
+            this_run.append(writer.add(recording))
+            if len(this_run) % every == 0:  # commit as we go: a kill loses at most `every` utterances
+                writer.commit()
             bar.update(1)
     bar.close()
-    summary = summarize(sink.latest())
+    summary = summarize(layout.latest_outcomes())
     summary["synth"] = {
         "lines": stats.lines, "attempted": stats.attempted, "kept": stats.kept,
         "dropped": dict(stats.dropped), "errors": stats.errors,
     }
-    summary["this_run"] = {**summarize(sink.this_run), "wall_seconds": round(time.perf_counter() - t0, 3)}
-    sink.write_manifest(summary)
+    summary["this_run"] = {**summarize(this_run), "wall_seconds": round(time.perf_counter() - t0, 3)}
+    layout.write_quarantine(layout.quarantine_records())
+    layout.write_manifest(summary)
     return summary

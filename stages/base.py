@@ -6,8 +6,16 @@ maps a batch of row dicts to a batch of row dicts in :meth:`Stage.process_batch`
 pipeline (``pipeline/graph.py``) wraps it in a Ray Data actor pool or task; tests call it
 on a plain list of rows.
 
-Rows are plain ``dict`` objects (see ``stages/rows.py`` for the fields). Every row carries a
-``status``:
+Rows are plain ``dict`` objects (see ``stages/rows.py`` for the fields). A stage works at one
+of two levels (:attr:`Stage.level`): ``"recording"`` stages (decode, enhance, segmentation,
+write) map recording rows; ``"segment"`` stages (transcribe, tokenize, roundtrip, quality,
+filter) are written against segment rows, and :meth:`Stage.__call__` hands them the
+segments of the recordings it receives as views (slices of the recording's audio, no copy)
+and folds their output back into each recording. Such a stage also accepts segment rows
+directly (tests, tools). A batch of segments is always cut between recordings, never inside
+one, so what a recording gets never depends on its neighbours in the batch.
+
+Every row carries a ``status``:
 
 * ``"ok"``: a recording or segment the stage should process;
 * ``"quarantined"``: an input that failed; carries ``error`` and ``failed_stage``. Stages
@@ -46,6 +54,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from stages.rows import fold_segments, segment_views
+
 Row = dict[str, Any]
 
 STATUS_OK = "ok"
@@ -64,7 +74,11 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     enabled: bool = Field(True, description="Run this stage at all.")
-    batch_size: int = Field(8, ge=1, le=4096, description="Rows per call of process_batch.")
+    batch_size: int = Field(
+        8, ge=1, le=4096,
+        description="Per-segment stages: segments per model call (cut between whole recordings; "
+        "ray.recordings_per_batch sets recordings per call). Recording-level stages: recordings per call.",
+    )
     num_workers: int = Field(
         1, ge=1, le=4096, description="Actors in this stage's pool (model stages) or task concurrency."
     )
@@ -152,9 +166,12 @@ class Stage(ABC):
             segments); the pipeline then never fuses it with a non-fan-out stage.
         uses_model: True for stages that load a model in :meth:`setup`; those run in an
             actor pool (one model load per worker), the rest as stateless tasks.
+        level: ``"recording"``: :meth:`process_batch` gets recording rows;
+            ``"segment"``: it gets segment views (see the module docstring).
     """
 
     name: ClassVar[str]
+    level: ClassVar[Literal["recording", "segment"]] = "segment"
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
     fanout: ClassVar[bool] = False
@@ -213,6 +230,69 @@ class Stage(ABC):
         if not self._ready:
             self.setup()
             self._ready = True
+        if self.level == "segment" and any("segments" in r for r in rows):
+            return [self._recording_out(r, views) for r, views in self._segment_batches(rows)]
+        return self._call_rows(rows)
+
+    def _segment_batches(self, recordings: list[Row]) -> list[tuple[Row, list[Row]]]:
+        """Run the segments of ``recordings`` in batches of whole recordings.
+
+        A batch is closed once it holds ``batch_size`` segments or more, always between two
+        recordings, so a recording's segments are processed together whatever the batch size.
+        """
+        pending: list[tuple[Row, list[Row]]] = []
+        done: list[tuple[Row, list[Row]]] = []
+        count = 0
+
+        def flush() -> None:
+            nonlocal count
+            out = self._call_rows([v for _, views in pending for v in views])
+            owner = {(rec.get("recording_id"), rec.get("source")): n for n, (rec, _) in enumerate(pending)}
+            by_rec: dict[int, list[Row]] = {}
+            for row in out:  # quarantine records keep recording_id and source too
+                by_rec.setdefault(owner[(row.get("recording_id"), row.get("source"))], []).append(row)
+            done.extend((rec, by_rec.get(n, [])) for n, (rec, _) in enumerate(pending))
+            pending.clear()
+            count = 0
+
+        for rec in recordings:
+            views = segment_views(rec) if rec.get("status", STATUS_OK) == STATUS_OK and "segments" in rec else []
+            if not views:
+                done.append((rec, []))
+                continue
+            pending.append((rec, views))
+            count += len(views)
+            if count >= self.config.batch_size:
+                flush()
+        if pending:
+            flush()
+        order = {id(rec): n for n, rec in enumerate(recordings)}
+        return sorted(done, key=lambda item: order[id(item[0])])
+
+    @staticmethod
+    def _recording_out(rec: Row, views: list[Row]) -> Row:
+        """Fold a recording's processed views back; a transient failure fails the recording.
+
+        A recording is committed whole or not at all: when one of its segments ran out of
+        retries for a passing reason, the recording becomes a transient quarantine record
+        (re-run whole by ``--retry-quarantined``) instead of being written without it.
+        """
+        if not views:
+            return rec
+        out = fold_segments(rec, views)
+        failed = next((s for s in out["segments"] if s.get("error_kind") == KIND_TRANSIENT), None)
+        if failed is None:
+            return out
+        keep = ("recording_id", "source", "duration_s", "sample_rate", "source_meta", "timings", "provenance")
+        return {
+            **{k: out[k] for k in keep if k in out},
+            "status": STATUS_QUARANTINED,
+            **{k: failed[k] for k in ("failed_stage", "error_kind", "attempts", "error", "error_detail") if k in failed},
+            "segment_index": failed.get("segment_index"),
+        }
+
+    def _call_rows(self, rows: list[Row]) -> list[Row]:
+        """The batch as given: failures isolated row by row, provenance and time stamped."""
         todo = [r for r in rows if r.get("status", STATUS_OK) == STATUS_OK]
         passthrough = [r for r in rows if r.get("status", STATUS_OK) != STATUS_OK]
         if not todo:
@@ -251,7 +331,7 @@ class Stage(ABC):
         that still failed after ``attempts`` tries; the run's exit code and
         ``--retry-quarantined`` tell the two apart.
         """
-        keep = ("recording_id", "source", "duration_s", "sample_rate", "segment_index", "segment_count")
+        keep = ("recording_id", "source", "duration_s", "sample_rate", "segment_index")
         message = str(exc) if isinstance(exc, StageError) else f"{type(exc).__name__}: {exc}"
         rec: Row = {k: row[k] for k in keep if k in row}
         rec.update(

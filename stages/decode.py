@@ -94,6 +94,7 @@ class DecodeStage(Stage):
     """
 
     name = "decode"
+    level = "recording"
     reads = ("source", "source_meta")
     writes = ("recording_id", "sample_rate", "duration_s", "audio", "loudness_lufs", "orig_sample_rate", "orig_channels")
     uses_model = False

@@ -64,6 +64,8 @@ class DeviceUnavailableError(RuntimeError):
 class EnhanceConfig(StageConfig):
     """The ``enhance`` section: which enhancer, and how long audio is cut for it."""
 
+    batch_size: int = Field(1, ge=1, le=64, description="Recordings per call; 1 keeps memory flat.")
+
     backend: Literal["deepfilternet3", "bsrnn"] = Field(
         "deepfilternet3", description="deepfilternet3 (packaged, CPU, offline) or bsrnn (a checkpoint)."
     )
@@ -191,6 +193,7 @@ class EnhanceStage(Stage):
     """
 
     name: ClassVar[str] = "enhance"
+    level: ClassVar[Literal["recording", "segment"]] = "recording"
     reads: ClassVar[tuple[str, ...]] = ("audio", "sample_rate")
     writes: ClassVar[tuple[str, ...]] = ("audio_enhanced",)
     fanout: ClassVar[bool] = False

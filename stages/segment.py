@@ -15,7 +15,8 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from stages.base import STATUS_EMPTY, STATUS_OK, Row, Stage, StageConfig
-from stages.rows import ARRAY_FIELDS
+from stages.rows import AUDIO_FIELDS, span_samples
+
 
 class SegmentConfig(StageConfig):
     """VAD segmentation settings (used while ``diarize`` is disabled)."""
@@ -81,73 +82,62 @@ def split_long(
     return pieces
 
 
-def make_segment_rows(
+def cut_segments(
     rec: Row,
     spans: list[tuple[float, float, str | None]],
     extras: list[dict[str, Any]] | None = None,
     *,
     empty_reason: str = "no speech found",
-) -> list[Row]:
-    """Cut a recording row into segment rows (shared by VAD segmentation and diarization).
+) -> Row:
+    """The recording with its ``segments`` (shared by VAD segmentation and diarization).
 
-    Every non-array field of the recording is inherited; ``duration_s`` becomes the
-    segment's and ``recording_duration_s`` keeps the recording's. Spans are clamped to the
-    audio, empty ones skipped, and the survivors numbered in order.
+    Segments are offsets into the recording's audio, never copies of it. Spans are clamped
+    to the audio, empty ones skipped, and the survivors numbered in order.
 
     Args:
-        rec: the recording row (``audio`` and maybe ``audio_enhanced`` at ``sample_rate``).
+        rec: the recording row (``audio`` at ``sample_rate``).
         spans: ``(start_s, end_s, speaker)`` in time order.
         extras: per-span fields to add (e.g. diarization's overlap flags), parallel to ``spans``.
-        empty_reason: the ``reason`` of the marker row when no span survives.
+        empty_reason: the recording's ``reason`` when no span survives.
 
     Returns:
-        Segment rows per ``stages/rows.py``, or one ``status="empty"`` row when nothing is
-        left, so the writer still learns the recording is finished.
+        The recording row with ``segments`` per ``stages/rows.py``, or with
+        ``status="empty"``, no segments and no audio when nothing is left.
+
+    >>> rec = {"status": "ok", "sample_rate": 10, "duration_s": 2.0, "audio": np.zeros(20, np.float32)}
+    >>> [(s["start_s"], s["end_s"]) for s in cut_segments(rec, [(0.0, 0.5, None), (1.5, 9.0, None)])["segments"]]
+    [(0.0, 0.5), (1.5, 2.0)]
+    >>> cut_segments(rec, [])["status"]
+    'empty'
     """
-    base = {k: v for k, v in rec.items() if k not in ARRAY_FIELDS and k != "duration_s"}
-    base["recording_duration_s"] = float(rec["duration_s"])
     sr = int(rec["sample_rate"])
-    audio, enhanced = rec["audio"], rec.get("audio_enhanced")
-    rows: list[Row] = []
+    n_samples = int(rec["audio"].shape[0])
+    segments: list[Row] = []
     for n, (start, end, speaker) in enumerate(spans):
-        a = max(0, int(round(start * sr)))
-        b = min(audio.shape[0], int(round(end * sr)))
+        a, b = span_samples({"start_s": start, "end_s": end}, sr, n_samples)
         if b <= a:
             continue
-        row = {
-            **copy.deepcopy(base),  # segments never share mutable metadata (source_meta, provenance)
-            **(extras[n] if extras else {}),
+        segments.append({
+            **copy.deepcopy(extras[n] if extras else {}),
             "status": STATUS_OK,
-            "segment_index": len(rows),
+            "segment_index": len(segments),
             "start_s": a / sr,
             "end_s": b / sr,
-            "duration_s": (b - a) / sr,
             "speaker": speaker,
-            "audio": np.array(audio[a:b], dtype=np.float32),
-        }
-        if enhanced is not None:
-            row["audio_enhanced"] = np.array(enhanced[a:b], dtype=np.float32)
-        rows.append(row)
-    if not rows:
-        return [{**copy.deepcopy(base), "duration_s": base["recording_duration_s"], "status": STATUS_EMPTY,
-                 "reason": empty_reason, "segment_count": 0}]
-    # Recording-level compute time (decode, enhance) is shared out by duration, so that summing
-    # over a recording's segments gives it back once, not once per segment.
-    total = sum(r["duration_s"] for r in rows)
-    for row in rows:
-        row["segment_count"] = len(rows)
-        share = row["duration_s"] / total if total else 1.0 / len(rows)
-        row["timings"] = {k: v * share for k, v in (rec.get("timings") or {}).items()}
-    return rows
+        })
+    if not segments:  # nothing will be written: the audio need not travel any further
+        kept = {k: v for k, v in rec.items() if k not in AUDIO_FIELDS}
+        return {**kept, "segments": [], "status": STATUS_EMPTY, "reason": empty_reason}
+    return {**rec, "segments": segments}
 
 
 class SegmentStage(Stage):
-    """Recording rows to segment rows with Silero VAD (fan-out)."""
+    """Recording rows get their ``segments`` from Silero VAD (offsets, no audio copied)."""
 
     name = "segment"
+    level = "recording"
     reads = ("audio", "audio_enhanced", "sample_rate", "duration_s")
-    writes = ("segment_index", "segment_count", "start_s", "end_s", "duration_s", "speaker", "audio")
-    fanout = True
+    writes = ("segments",)
     uses_model = True
 
     config: SegmentConfig
@@ -183,5 +173,5 @@ class SegmentStage(Stage):
             if self.config.input_stream == "enhanced" and rec.get("audio_enhanced") is not None:
                 stream = rec["audio_enhanced"]
             spans = self.spans(stream, int(rec["sample_rate"]))
-            out.extend(make_segment_rows(rec, [(s, e, None) for s, e in spans]))
+            out.append(cut_segments(rec, [(s, e, None) for s, e in spans]))
         return out

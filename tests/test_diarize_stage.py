@@ -17,6 +17,7 @@ from stages.diarize.backends import RawDiarization
 from stages.diarize.embedders import SpeakerEmbedder
 from stages.diarize.evaluate import read_rttm, score, write_rttm
 from stages.diarize.postprocess import Turn
+from stages.rows import segment_views
 
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,6 +100,14 @@ def recording(audio: np.ndarray, sr: int = SR, **extra) -> dict:
     }
 
 
+def views(recordings: list[dict]) -> list[dict]:
+    """What the next stage sees: each segment as a view of its recording, or the recording itself."""
+    out: list[dict] = []
+    for rec in recordings:
+        out.extend(segment_views(rec) if rec.get("status") == STATUS_OK else [rec])
+    return out
+
+
 def stage(**over) -> DiarizeStage:
     cfg = DiarizeConfig(**{"min_segment_s": 0.3, **over})
     return DiarizeStage(cfg, vad=EnergyVAD(), embedder=SpectrumEmbedder())
@@ -111,10 +120,9 @@ def test_segments_follow_the_row_contract():
     # A (120 Hz) 0.5-4.5, B (300 Hz) 5-8, A 8.5-10, C (700 Hz) 13-16
     audio = conversation([(0.5, 4.0, 120), (5.0, 3.0, 300), (8.5, 1.5, 120), (13.0, 3.0, 700)], 17.0)
     enhanced = audio * 0.5
-    rows = stage()([recording(audio, audio_enhanced=enhanced)])
+    rows = views(stage()([recording(audio, audio_enhanced=enhanced)]))
     assert all(r["status"] == STATUS_OK for r in rows)
     assert [r["segment_index"] for r in rows] == list(range(len(rows)))
-    assert {r["segment_count"] for r in rows} == {len(rows)}
     assert [r["speaker"] for r in rows] == ["S0", "S1", "S0", "S2"]
     starts = [r["start_s"] for r in rows]
     assert starts == sorted(starts)
@@ -128,9 +136,10 @@ def test_segments_follow_the_row_contract():
         assert r["recording_id"] == "rec1" and r["source_meta"] == {"lang": "en"}
         assert r["loudness_lufs"] == -23.0 and r["sample_rate"] == SR
         assert r["overlap"] is False and r["overlap_s"] == 0.0
-        assert set(r["provenance"]) == {"decode", "diarize"} and "diarize" in r["timings"]
-    rows[0]["source_meta"]["lang"] = "xx"  # rows never share mutable metadata
-    assert rows[1]["source_meta"]["lang"] == "en"
+    (rec,) = stage()([recording(audio, audio_enhanced=enhanced)])
+    assert set(rec["provenance"]) == {"decode", "diarize"} and "diarize" in rec["timings"]
+    assert all(set(seg) == {"segment_index", "start_s", "end_s", "speaker", "status", "overlap", "overlap_s"}
+               for seg in rec["segments"])  # offsets and labels: the audio stays with the recording
 
 
 def test_other_sample_rate_and_enhanced_stream():
@@ -140,7 +149,7 @@ def test_other_sample_rate_and_enhanced_stream():
     a24 = resample(a16, SR, 24000)
     silent = np.zeros_like(a24)  # the original stream is silent, the enhanced one is not
     # 6 s of speech is below the default min_windows_to_split; this test is about rates and streams.
-    rows = stage(input_stream="enhanced", min_windows_to_split=2)([recording(silent, 24000, audio_enhanced=a24)])
+    rows = views(stage(input_stream="enhanced", min_windows_to_split=2)([recording(silent, 24000, audio_enhanced=a24)]))
     assert [r["speaker"] for r in rows] == ["S0", "S1"]
     r = rows[1]
     a, b = round(r["start_s"] * 24000), round(r["end_s"] * 24000)
@@ -150,13 +159,13 @@ def test_other_sample_rate_and_enhanced_stream():
 def test_too_little_speech_to_count_speakers_is_one_speaker():
     """Two voices in 6 s of speech: too few windows to count speakers, so one speaker, not five."""
     a16 = conversation([(0.5, 3.0, 120), (4.0, 3.0, 400)], 8.0)
-    assert {r["speaker"] for r in stage()([recording(a16)])} == {"S0"}
-    assert {r["speaker"] for r in stage(min_windows_to_split=2)([recording(a16)])} == {"S0", "S1"}
+    assert {r["speaker"] for r in views(stage()([recording(a16)]))} == {"S0"}
+    assert {r["speaker"] for r in views(stage(min_windows_to_split=2)([recording(a16)]))} == {"S0", "S1"}
 
 
 def test_no_speech_gives_one_empty_row():
     for audio in (np.zeros(SR * 5, np.float32), np.zeros(0, np.float32)):
-        rows = stage()([recording(audio)])
+        rows = views(stage()([recording(audio)]))
         assert len(rows) == 1
         assert rows[0]["status"] == STATUS_EMPTY and rows[0]["reason"] == "no speech"
         assert rows[0]["recording_id"] == "rec1" and "audio" not in rows[0]
@@ -164,10 +173,10 @@ def test_no_speech_gives_one_empty_row():
 
 def test_single_word_and_short_segments():
     word = conversation([(1.0, 0.6, 200)], 3.0)
-    rows = stage()([recording(word)])
-    assert len(rows) == 1 and rows[0]["speaker"] == "S0" and rows[0]["segment_count"] == 1
+    rows = views(stage()([recording(word)]))
+    assert len(rows) == 1 and rows[0]["speaker"] == "S0"
     # shorter than min_segment_s: not emitted, the recording is marked empty with the reason
-    rows = stage(min_segment_s=1.0)([recording(word)])
+    rows = views(stage(min_segment_s=1.0)([recording(word)]))
     assert rows[0]["status"] == STATUS_EMPTY and "1.0 s" in rows[0]["reason"]
 
 
@@ -180,7 +189,7 @@ def test_single_word_and_short_segments():
     ],
 )
 def test_bad_input_is_quarantined(audio, extra, msg):
-    rows = stage()([recording(audio, **extra)])
+    rows = views(stage()([recording(audio, **extra)]))
     assert rows[0]["status"] == STATUS_QUARANTINED and msg in rows[0]["error"]
     assert rows[0]["failed_stage"] == "diarize"
 
@@ -188,7 +197,7 @@ def test_bad_input_is_quarantined(audio, extra, msg):
 def test_enhanced_stream_missing_is_quarantined_and_others_survive():
     good = recording(conversation([(0.5, 2.0, 150)], 3.0), audio_enhanced=np.zeros(3 * SR, np.float32))
     bad = {**recording(conversation([(0.5, 2.0, 150)], 3.0)), "recording_id": "rec2"}
-    rows = stage(input_stream="enhanced")([good, bad])
+    rows = views(stage(input_stream="enhanced")([good, bad]))
     by = {r["recording_id"]: r for r in rows}
     assert by["rec2"]["status"] == STATUS_QUARANTINED and "audio_enhanced" in by["rec2"]["error"]
     assert by["rec1"]["status"] == STATUS_EMPTY  # its enhanced stream is silent
@@ -210,13 +219,13 @@ def test_overlap_flag_and_exclude():
     st.setup()
     st._ready = True
     st.backend = FixedBackend(turns)
-    rows = st([recording(audio)])
+    rows = views(st([recording(audio)]))
     assert [(r["speaker"], r["overlap"], round(r["overlap_s"], 3)) for r in rows] == [("S0", True, 2.0), ("S1", True, 2.0)]
     st2 = stage(overlap="exclude", **post_off)
     st2.setup()
     st2._ready = True
     st2.backend = FixedBackend(turns)
-    rows = st2([recording(audio)])
+    rows = views(st2([recording(audio)]))
     assert [(r["start_s"], r["end_s"], r["overlap"]) for r in rows] == [(0.0, 4.0, False), (6.0, 8.0, False)]
 
 
@@ -234,7 +243,7 @@ def test_long_input_streams_embeddings_and_caps_the_affinity_matrix(monkeypatch)
 
     monkeypatch.setattr(backends_mod, "spectral_cluster", spy)
     st = stage(embed_batch_size=16, max_cluster_windows=60)
-    rows = st([recording(audio)])
+    rows = views(st([recording(audio)]))
     assert max(st.embedder.batches) <= 16 and sum(st.embedder.batches) > 300
     assert seen and max(seen) <= 60
     assert {r["speaker"] for r in rows} == {"S0", "S1"}
@@ -340,7 +349,7 @@ def test_check_names_missing_pipeline_dir(tmp_path):
         st.check()
     msg = str(exc.value)
     assert str(missing_dir) in msg and "diarize.model" in msg and "huggingface-cli download" in msg
-    with pytest.raises(ModelNotFoundError, match="token"):
+    with pytest.raises(ModelNotFoundError, match="HF_TOKEN"):
         DiarizeStage(DiarizeConfig(backend="pyannote", model="pyannote/speaker-diarization-community-1")).check()
     st = DiarizeStage(DiarizeConfig(embedding="speechbrain", embedding_model=str(tmp_path / "ecapa")))
     with pytest.raises(ModelNotFoundError, match="diarize.embedding_model"):
@@ -358,13 +367,14 @@ def test_pyannote_backend_runs_from_random_weights(random_pipeline):
     st = DiarizeStage(cfg)
     st.check()
     audio = conversation([(0.2, 2.5, 120), (3.0, 2.5, 400)], 6.0)
-    rows = st([recording(audio)])
+    recs = st([recording(audio)])
+    rows = views(recs)
     assert rows and all(r["status"] in (STATUS_OK, STATUS_EMPTY) for r in rows)
     ok = [r for r in rows if r["status"] == STATUS_OK]
     for r in ok:
         a, b = round(r["start_s"] * SR), round(r["end_s"] * SR)
         assert np.array_equal(r["audio"], audio[a:b]) and r["speaker"].startswith("S")
-    assert st.embedder.dim == 256 and "pyannote:" in rows[0]["provenance"]["diarize"]["model"]
+    assert st.embedder.dim == 256 and "pyannote:" in recs[0]["provenance"]["diarize"]["model"]
 
 
 def test_pyannote_31_layout_loads_and_reports_missing_subfolder(tmp_path):

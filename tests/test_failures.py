@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from stages.base import KIND_BAD_INPUT, KIND_TRANSIENT, STATUS_QUARANTINED, RetryPolicy, Stage, StageConfig, StageError
-from stages.write import ShardSink, WriteConfig
+from stages.write import OutLayout, ShardWriter, WriteConfig
 
 
 class Flaky(Stage):
@@ -67,34 +67,46 @@ def test_backoff_doubles() -> None:
     assert RetryPolicy(retries=0).delays() == []
 
 
-def _segment(i: int, **extra) -> dict:
+def _recording() -> dict:
+    """A two-segment recording whose second segment is named "flaky" (see :class:`Flaky`)."""
     return {
-        "status": "ok", "recording_id": "r1", "source": "/d/r1.wav", "segment_index": i, "segment_count": 2,
-        "duration_s": 1.0, "recording_duration_s": 2.0, "sample_rate": 16000, "verdict": "keep",
-        "_members": {"audio.flac": b"x"}, **extra,
+        "status": "ok", "recording_id": "r1", "source": "/d/r1.wav", "sample_rate": 16000, "duration_s": 2.0,
+        "audio": np.zeros(32000, np.float32),
+        "segments": [{"segment_index": i, "start_s": float(i), "end_s": i + 1.0, "status": "ok", "name": name,
+                      "verdict": "keep"} for i, name in enumerate(("good", "flaky"))],
     }
 
 
 def test_a_recording_with_a_transient_segment_is_not_partly_committed(tmp_path: Path) -> None:
-    failed = {"status": STATUS_QUARANTINED, "recording_id": "r1", "source": "/d/r1.wav", "segment_index": 1,
-              "segment_count": 2, "failed_stage": "transcribe", "error": "TimeoutError: x",
-              "error_kind": KIND_TRANSIENT}
-    with ShardSink(tmp_path, WriteConfig()) as sink:
-        outcome = sink.add_recording([_segment(0), failed])
+    (rec,) = Flaky(TimeoutError("slow"), fail_times=99)([_recording()])
+    assert rec["status"] == STATUS_QUARANTINED and rec["error_kind"] == KIND_TRANSIENT
+    assert rec["failed_stage"] == "flaky" and rec["segment_index"] == 1 and "segments" not in rec
+    layout = OutLayout(tmp_path)
+    with ShardWriter(layout, WriteConfig()) as w:
+        outcome = w.add(rec)
     assert outcome.status == STATUS_QUARANTINED and outcome.kept == 0
-    assert not list((tmp_path / "shards").glob("*.tar"))  # no sample of r1 written
+    assert layout.committed_shards() == []  # no sample of r1 written
+    layout.write_quarantine(layout.quarantine_records())
     q = pq.read_table(tmp_path / "quarantine.parquet").to_pylist()
-    assert [(r["source"], r["kind"]) for r in q] == [("/d/r1.wav", KIND_TRANSIENT)]
-    # --retry-quarantined hands the source back; a plain resume skips it.
-    with ShardSink(tmp_path, WriteConfig()) as sink:
-        assert sink.committed_sources() == {"/d/r1.wav"}
-        assert sink.committed_sources(retry_quarantined=True) == set()
-        sink.add_recording([_segment(0), _segment(1)])
-    with ShardSink(tmp_path, WriteConfig()) as sink:
-        (latest,) = sink.latest()
-        assert latest.status == "ok" and latest.kept == 2
-    assert pq.read_table(tmp_path / "quarantine.parquet").num_rows == 0  # superseded by the retry
-    assert np.sum([1 for _ in (tmp_path / "shards").glob("*.tar")]) == 1
+    assert [(r["source"], r["kind"], r["stage"]) for r in q] == [("/d/r1.wav", KIND_TRANSIENT, "flaky")]
+    # --retry-quarantined processes it again; the new outcome supersedes the quarantine.
+    (rec,) = Flaky(TimeoutError("slow"), fail_times=1)([_recording()])
+    assert rec["status"] == "ok" and [s["done"] for s in rec["segments"]] == [True, True]
+    with ShardWriter(layout, WriteConfig()) as w:
+        w.add(rec)
+    (latest,) = layout.latest_outcomes()
+    assert latest.status == "ok" and latest.kept == 2
+    layout.write_quarantine(layout.quarantine_records())
+    assert pq.read_table(tmp_path / "quarantine.parquet").num_rows == 0
+    assert len(layout.committed_shards()) == 1
+
+
+def test_a_bad_segment_is_quarantined_and_its_recording_kept() -> None:
+    (rec,) = Flaky(StageError("empty audio"), fail_times=99)([_recording()])
+    assert rec["status"] == "ok"
+    good, bad = rec["segments"]
+    assert good["done"] and bad["status"] == STATUS_QUARANTINED and bad["error_kind"] == KIND_BAD_INPUT
+    assert bad["start_s"] == 1.0 and "audio" not in bad and "source" not in bad
 
 
 def test_run_exits_3_when_inputs_failed_for_another_reason(monkeypatch, tmp_path: Path) -> None:

@@ -146,7 +146,7 @@ def test_fingerprint_ignores_speed_and_placement_but_not_what_is_written() -> No
     faster = load_config(str(local), [
         "transcribe.batch_size=3", "transcribe.num_workers=2", "transcribe.cpu_threads=1", "quality.num_cpus=0.5",
         "decode.batch_size=64", "ray.num_cpus=1", "models.cache_dir=/elsewhere", "device=cpu",
-        "write.commit_interval_s=5", "roundtrip.asr.batch_size=2",
+        "write.num_workers=5", "roundtrip.asr.batch_size=2",
     ])
     assert output_fingerprint(base) == output_fingerprint(faster)
     assert output_fingerprint(base) == output_fingerprint(base.model_dump(mode="json"))  # a dump hashes the same

@@ -7,7 +7,8 @@ import pytest
 import soundfile as sf
 
 from stages.base import STATUS_EMPTY, STATUS_OK
-from stages.segment import SegmentConfig, SegmentStage, join_regions, make_segment_rows, split_long
+from stages.rows import segment_views
+from stages.segment import SegmentConfig, SegmentStage, cut_segments, join_regions, split_long
 from stages.decode import DecodeConfig, DecodeStage
 
 
@@ -37,29 +38,33 @@ def test_split_long_without_pauses_still_bounds_length() -> None:
     assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
 
 
-def test_segment_rows_slice_both_streams() -> None:
+def test_segments_are_offsets_and_views_slice_both_streams() -> None:
     rec = {
         "recording_id": "r", "source": "s", "sample_rate": 10, "duration_s": 10.0, "status": STATUS_OK,
         "timings": {"decode": 2.0, "enhance": 7.0},
         "audio": np.arange(100, dtype=np.float32), "audio_enhanced": -np.arange(100, dtype=np.float32),
     }
-    rows = make_segment_rows(rec, [(1.0, 2.0, "S0"), (5.0, 7.5, "S1")])
-    assert [r["segment_index"] for r in rows] == [0, 1]
-    assert all(r["segment_count"] == 2 for r in rows)
-    assert rows[1]["audio"].tolist() == list(range(50, 75))
-    assert rows[1]["audio_enhanced"].tolist() == [-x for x in range(50, 75)]
-    assert rows[1]["duration_s"] == 2.5 and rows[1]["recording_duration_s"] == 10.0
-    # recording-level compute time is shared out, never counted once per segment
-    assert sum(r["timings"]["enhance"] for r in rows) == pytest.approx(7.0)
-    assert rows[1]["timings"]["decode"] == pytest.approx(2.0 * 2.5 / 3.5)
-    (empty,) = make_segment_rows(rec, [])
-    assert empty["status"] == STATUS_EMPTY and empty["segment_count"] == 0
+    out = cut_segments(rec, [(1.0, 2.0, "S0"), (5.0, 7.5, "S1"), (9.5, 12.0, "S0"), (3.0, 3.0, "S1")])
+    segs = out["segments"]
+    assert [s["segment_index"] for s in segs] == [0, 1, 2]  # the empty span is skipped
+    assert [(s["start_s"], s["end_s"]) for s in segs] == [(1.0, 2.0), (5.0, 7.5), (9.5, 10.0)]  # clamped
+    assert all(not any(isinstance(v, np.ndarray) for v in s.values()) for s in segs)  # no audio copied
+    assert out["audio"] is rec["audio"] and out["timings"] == rec["timings"]
+    views = segment_views(out)
+    assert views[1]["audio"].tolist() == list(range(50, 75))
+    assert views[1]["audio_enhanced"].tolist() == [-x for x in range(50, 75)]
+    assert views[1]["duration_s"] == 2.5 and views[1]["recording_duration_s"] == 10.0
+    assert np.shares_memory(views[1]["audio"], rec["audio"])
+    empty = cut_segments(rec, [])
+    assert empty["status"] == STATUS_EMPTY and empty["segments"] == []
 
 
 def test_vad_segments_real_speech(espeak_conversation: Path) -> None:
     (rec,) = DecodeStage(DecodeConfig())([{"source": str(espeak_conversation), "status": "ok"}])
     stage = SegmentStage(SegmentConfig(max_gap_s=0.5, max_segment_s=6.0))
-    rows = stage([rec])
+    (out,) = stage([rec])
+    assert out["provenance"]["segment"]["model"] == "pkg:silero-vad"
+    rows = segment_views(out)
     assert len(rows) >= 3
     assert all(r["status"] == STATUS_OK for r in rows)
     assert all(1.0 <= r["duration_s"] <= 6.0 + 1e-6 for r in rows)
@@ -67,7 +72,6 @@ def test_vad_segments_real_speech(espeak_conversation: Path) -> None:
     assert starts == sorted(starts)
     speech = sum(r["duration_s"] for r in rows)
     assert speech > 0.6 * rec["duration_s"]
-    assert rows[0]["provenance"]["segment"]["model"] == "pkg:silero-vad"
 
 
 def test_noise_only_recording_becomes_one_empty_row(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from stages.diarize.postprocess import (
     postprocess,
     remove_overlaps,
 )
-from stages.segment import make_segment_rows
+from stages.segment import cut_segments
 
 SAMPLE_RATE = 16000
 
@@ -36,6 +36,8 @@ class DiarizeConfig(StageConfig):
     """The ``diarize`` section. Every similarity threshold is a COSINE SIMILARITY of speaker
     embeddings (1 = identical direction), on the calibrated scale of the embedding model in
     ``embedding`` (see ``stages/diarize/embedders.py``), never pyannote's distances."""
+
+    batch_size: int = Field(1, ge=1, le=64, description="Recordings per call; 1 keeps memory flat.")
 
     backend: Literal["offline", "pyannote"] = Field(
         "offline",
@@ -162,7 +164,7 @@ class DiarizeConfig(StageConfig):
 
 
 class DiarizeStage(Stage):
-    """Speaker diarization with Kimi-Audio post-processing; one output row per segment.
+    """Speaker diarization with Kimi-Audio post-processing; the recording gets its ``segments``.
 
     Example (no model needed for an empty input):
         >>> DiarizeStage(DiarizeConfig())([])
@@ -170,12 +172,9 @@ class DiarizeStage(Stage):
     """
 
     name = "diarize"
+    level = "recording"
     reads = ("audio", "audio_enhanced", "sample_rate", "duration_s")
-    writes = (
-        "segment_index", "segment_count", "start_s", "end_s", "duration_s", "recording_duration_s",
-        "speaker", "overlap", "overlap_s", "audio", "audio_enhanced",
-    )  # fmt: skip
-    fanout = True
+    writes = ("segments",)  # each: segment_index, start_s, end_s, speaker, overlap, overlap_s
     uses_model = True
 
     config: DiarizeConfig
@@ -292,12 +291,9 @@ class DiarizeStage(Stage):
         return [Turn(t.start, t.end, mapping[t.speaker]) for t, _ in keep], [o for _, o in keep], info
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
-        out: list[Row] = []
-        for row in rows:
-            out.extend(self._one(row))
-        return out
+        return [self._one(row) for row in rows]
 
-    def _one(self, row: Row) -> list[Row]:
+    def _one(self, row: Row) -> Row:
         c = self.config
         key = "audio_enhanced" if c.input_stream == "enhanced" else "audio"
         if row.get(key) is None:
@@ -319,4 +315,4 @@ class DiarizeStage(Stage):
         rec = {**row, "duration_s": float(row.get("duration_s") or audio.size / sr)}
         spans = [(t.start, t.end, f"S{t.speaker}") for t in turns]
         extras = [{"overlap": bool(ov > 0), "overlap_s": float(ov)} for ov in overlaps]
-        return make_segment_rows(rec, spans, extras, empty_reason=reason)
+        return cut_segments(rec, spans, extras, empty_reason=reason)
