@@ -127,7 +127,7 @@ def test_help_works_on_every_subcommand(tmp_path: Path, argv: list[str]) -> None
 
 
 def test_audit_module_entry_point_reports_the_same_way(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "stages.audit", str(tmp_path / "nope")], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.audit", str(tmp_path / "nope")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "OUT not found" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -7,11 +7,10 @@ import importlib
 
 import pytest
 
-<<<<<<< HEAD
-MODULES = ["pipeline.guard", "stages.base", "stages.rows", "stages.audio", "stages.segment", "stages.textnorm", "stages.vad", "stages.quality", "stages.filter", "stages.audit.agg", "stages.audit.compare"]
-=======
-MODULES = ["pipeline.usage", "stages.base", "stages.rows", "stages.audio", "stages.segment", "stages.textnorm", "stages.vad", "stages.quality", "stages.filter", "stages.audit.agg", "stages.audit.compare"]
->>>>>>> wip-helper2-unverified
+MODULES = [
+    "pipeline.guard", "pipeline.usage", "stages.base", "stages.rows", "stages.audio", "stages.segment",
+    "stages.textnorm", "stages.vad", "stages.quality", "stages.filter", "pipeline.audit.agg", "pipeline.audit.compare",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

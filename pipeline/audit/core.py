@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from stages.audit.agg import Example, SetAggregate, TopK
-from stages.audit.scan import CHECKS, ScanOptions, ShardResult, h64, scan_shard
+from pipeline.audit.agg import Example, SetAggregate, TopK
+from pipeline.audit.scan import CHECKS, ScanOptions, ShardResult, h64, scan_shard
 
 SETS = ("kept", "dropped")
 MAX_FINDINGS = 500
@@ -448,8 +448,8 @@ def audit(out: Path, against: Path | None = None, *, workers: int | None = None,
     Returns:
         The audit.json document. ``doc["integrity"]["ok"]`` is False when any check failed.
     """
-    from stages.audit.compare import compare_runs
-    from stages.audit.report import render_html
+    from pipeline.audit.compare import compare_runs
+    from pipeline.audit.report import render_html
 
     out = Path(out)
     run = scan_run(out, workers=workers, worst_k=worst_k)
