@@ -292,7 +292,7 @@ def fit_codebook(
 
     from kimia_model.refs import resolve
     from kimia_model.whisper_vq import SAMPLE_RATE, CodebookFile, WhisperVQTokenizer, load_encoder
-    from stages.audio import downmix, resample
+    from kimia_model.audio import downmix, resample
 
     t0 = time.perf_counter()
     path = resolve(

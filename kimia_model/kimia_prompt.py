@@ -465,7 +465,7 @@ def load_audio_16k(ref: Any, sample_rate: int | None, where: str = "audio") -> n
     Raises:
         PromptError: unreadable file, non-finite samples or an empty result.
     """
-    from stages.audio import downmix, resample
+    from kimia_model.audio import downmix, resample
 
     if isinstance(ref, (str, Path)):
         import soundfile as sf

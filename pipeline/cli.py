@@ -219,7 +219,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if args.max_wer is not None and args.max_wer < 0:
         raise UsageError(f"--max-wer must be >= 0 (got {args.max_wer})")
     cfg, _ = _load(args)
-    from pipeline.synth import run_synth
+    from pipeline.synth.workflow import run_synth
 
     if args.backend:
         cfg.roundtrip.tts_backend = args.backend

@@ -38,8 +38,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from kimia_model.audio import resample
 from kimia_model.refs import ModelNotFoundError, resolve
-from stages.audio import resample
 from stages.base import Row, Stage, StageConfig, StageContext, StageError
 
 FIT_HINT = (

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from kimia_model.audio import resample
 from kimia_model.kimia_generate import KimiaGenerator, SamplingParams
 from kimia_model.kimia_prompt import AudioTokenizer, FeatureExtractor, PromptError
 from kimia_model.refs import ModelNotFoundError, default_cache_dir, missing
-from stages.audio import resample
 from stages.base import StageError
 
 #: Upstream's ASR instruction (``infer.py``: "convert the audio content to text").

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from stages.audio import encode_flac
+from kimia_model.audio import encode_flac
 from stages.base import KIND_BAD_INPUT, KIND_TRANSIENT, STATUS_EMPTY, STATUS_OK, STATUS_QUARANTINED, Row, Stage, StageConfig
 from stages.rows import ARRAY_FIELDS, sample_key
 

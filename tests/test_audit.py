@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.audio import encode_flac
+from kimia_model.audio import encode_flac
 from pipeline.audit import audit, main
 from pipeline.audit.core import map_shards
 from stages.filter import FilterConfig, FilterStage

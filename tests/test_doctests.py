@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 MODULES = [
-    "pipeline.guard", "pipeline.usage", "stages.base", "stages.rows", "stages.audio", "stages.segment",
+    "pipeline.guard", "pipeline.usage", "stages.base", "stages.rows", "kimia_model.audio", "stages.segment",
     "stages.textnorm", "stages.vad", "stages.quality", "stages.filter", "pipeline.audit.agg", "pipeline.audit.compare",
 ]
 

@@ -341,7 +341,7 @@ def test_streamed_codes_match_batch_and_arrive_lazily(gen: KimiaGenerator) -> No
     assert len(calls) == gen.delay + 1 < n_batch  # the first code comes before the answer ends
     assert [first, *stream] == batch.audio_tokens.tolist() == [3 + (s % 2) for s in range(gen.delay, 16)]
 
-    from stages.tts import KimiaTTS
+    from kimia_model.tts import KimiaTTS
 
     class FakeDetok:
         sample_rate = 24000

@@ -101,7 +101,7 @@ def load_audio(path: Path) -> tuple[np.ndarray, int]:
     """Read an audio file with soundfile and downmix it to mono float32."""
     import soundfile as sf
 
-    from stages.audio import downmix
+    from kimia_model.audio import downmix
 
     audio, sr = sf.read(str(path), dtype="float32", always_2d=False)
     return downmix(audio), int(sr)
@@ -172,7 +172,7 @@ def eval_diarization(
         stage.check()
         stage.setup()
         stage._ready = True
-    from stages.audio import resample
+    from kimia_model.audio import resample
 
     results = []
     for f in files:
