@@ -63,6 +63,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("pipeline.outlock", "OutputLockedError"),
         ("pipeline.outlock", "ConfigChangedError"),
         ("kimia_model.refs", "ModelNotFoundError"),
+        ("stages.diarize.evaluate", "EvalInputError"),
     ]
     found = (getattr(sys.modules[m], n, None) for m, n in names if m in sys.modules)
     return tuple(t for t in found if isinstance(t, type) and issubclass(t, BaseException))

@@ -32,6 +32,10 @@ def work(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "nosource.jsonl").write_text(json.dumps("audio/clip.wav") + "\n")  # a string, not an entry
     (tmp_path / "afile").write_text("not a folder")
     (tmp_path / "notarun").mkdir()
+    (tmp_path / "rttm").mkdir()
+    (tmp_path / "rttm" / "other.rttm").write_text("SPEAKER other 1 0.00 1.00 <NA> <NA> A <NA> <NA>\n")
+    (tmp_path / "badrttm").mkdir()
+    (tmp_path / "badrttm" / "clip.rttm").write_text("SPEAKER clip 1 zero\n")
     return {"root": tmp_path, "cwd": tmp_path / "cwd", "audio": audio, "out": tmp_path / "OUT"}
 
 
@@ -85,6 +89,10 @@ CASES: list[tuple[str, list[str], str]] = [
      "--input not found"),
     ("eval, no rttm in folder", ["eval", "diarization", "--reference", "{audio}", "--input", "{audio}"],
      "no .rttm files"),
+    ("eval, no audio matches a reference", ["eval", "diarization", "--reference", "{root}/rttm", "--input", "{audio}"],
+     "matches a reference uri"),
+    ("eval, malformed RTTM", ["eval", "diarization", "--reference", "{root}/badrttm", "--input", "{audio}"],
+     "malformed RTTM line"),
     ("tokenizer, input missing", ["tokenizer", "fit", "{root}/nope", "--out", "x"], "audio input not found"),
     ("tokenizer, bad --size", ["tokenizer", "fit", "{audio}", "--out", "x", "--size", "1"], "--size must be >= 2"),
     ("tokenizer, --size not a number", ["tokenizer", "fit", "{audio}", "--out", "x", "--size", "many"], "--size"),
