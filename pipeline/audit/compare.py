@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.audit.scan import h64
 
 if TYPE_CHECKING:
-    from pipeline.audit.core import RunScan
+    from pipeline.audit.agg import RunScan
 
 #: Which config keys and stages can move a drop reason (prefix match on flattened keys).
 REASON_CAUSES: dict[str, tuple[str, ...]] = {

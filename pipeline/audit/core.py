@@ -15,43 +15,13 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.audit.agg import Example, SetAggregate, TopK
+from pipeline.audit.agg import MAX_FINDINGS, SETS, Example, RunScan, TopK
 from pipeline.audit.scan import CHECKS, ScanOptions, ShardResult, h64, scan_shard
-
-SETS = ("kept", "dropped")
-MAX_FINDINGS = 500
-
-
-@dataclass
-class RunScan:
-    """Everything the audit learned about one output folder (kept in the driver)."""
-
-    out: Path
-    manifest: dict[str, Any] | None = None
-    config: dict[str, Any] | None = None
-    aggs: dict[str, SetAggregate] = field(default_factory=lambda: {s: SetAggregate() for s in SETS})
-    topk: TopK = field(default_factory=lambda: TopK(3))
-    findings: list[dict[str, Any]] = field(default_factory=list)
-    finding_counts: Counter = field(default_factory=Counter)
-    checked: Counter = field(default_factory=Counter)
-    shards: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SETS, 0))
-    bytes: int = 0
-    quarantine: dict[str, Any] = field(default_factory=dict)
-    backend: str = "local"
-    pids: set[int] = field(default_factory=set)
-
-    def find(self, check: str, detail: str, *, set_name: str | None = None, shard: str | None = None,
-             key: str | None = None) -> None:
-        self.finding_counts[check] += 1
-        if len(self.findings) < MAX_FINDINGS:
-            self.findings.append({"check": check, "set": set_name, "shard": shard, "key": key, "detail": detail})
-
 
 # -- small readers ---------------------------------------------------------------------------
 
