@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "pipeline.guard", "pipeline.usage", "stages.base", "stages.rows", "kimia_model.audio", "stages.segment",
     "stages.textnorm", "stages.vad", "stages.quality", "stages.filter", "pipeline.audit.agg", "pipeline.audit.compare",
+    "kimia_model.whisper_vq.timing",
 ]
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from kimia_model.whisper_vq import token_count
+from kimia_model.whisper_vq.timing import token_count
 from pipeline.export.kimi_audio import AUDIO_TOKEN_OFFSET, export_kimi_audio, validate_line
 
 
