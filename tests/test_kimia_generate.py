@@ -16,18 +16,17 @@ import pytest
 import soundfile as sf
 import torch
 
+from factories import tiny_config_dict, write_random_checkpoint, write_tiktoken_files
 from kimia_model.kimia_generate import (
     BOTH_MAX_TOTAL,
     KimiaGenerator,
     SamplingParams,
     sample_token,
 )
-from kimia_model.kimia_lm import tiny_config_dict, write_random_checkpoint
 from kimia_model.kimia_prompt import (
     KimiaTextTokenizer,
     PromptError,
     special_token_layout,
-    write_tiktoken_files,
 )
 from stages.base import StageError
 

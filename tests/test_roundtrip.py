@@ -166,9 +166,11 @@ def test_config_validation_and_missing_weights(tmp_path):
 
 def test_token_check_path_with_tiny_detokenizer(tmp_path):
     """Token mode end to end (random weights: the recognizer must hear non-speech and fail it)."""
-    from kimia_model.detokenizer import Detokenizer, save_pretrained
+    from factories import random_tiny_detokenizer
 
-    save_pretrained(Detokenizer.random_tiny(seed=0, vocab=16384), tmp_path)
+    from kimia_model.detokenizer import save_pretrained
+
+    save_pretrained(random_tiny_detokenizer(seed=0, vocab=16384), tmp_path)
 
     class _Echo:  # recognizer stand-in: proves the detokenized audio reached it at 24 kHz
         def transcribe(self, audios, sample_rate):
