@@ -2,7 +2,7 @@
 
 Kimi-Audio's discrete audio tokens come from GLM-4-Voice's ``WhisperVQEncoder``: the first 16
 layers of a fine-tuned whisper-large-v3 encoder, average pooling by 4 (50 Hz -> 12.5 Hz) and a
-nearest-neighbour lookup in a 16384 x 1280 codebook (GLM-4-Voice's speech tokenizer). This module
+nearest-neighbour lookup in a 16384 x 1280 codebook (GLM-4-Voice's speech tokenizer). This package
 re-implements that encoder natively so that:
 
 * the upstream Hugging Face directory (``config.json`` + ``model.safetensors``) loads with its
