@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus import make_corpus
 
-from stages.audio import resample
+from kimia_model.audio import resample
 from stages.base import StageContext
 from stages.textnorm import normalize_text, wer
 from stages.transcribe import TranscribeConfig, build_asr, resolve_asr_model

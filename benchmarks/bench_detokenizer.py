@@ -12,16 +12,22 @@ streaming machinery, not the cost of the real 2304-wide, 16-layer model.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from kimia_model.detokenizer import TOKEN_UPSAMPLE, Detokenizer, StreamingConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-model factories
+
+from factories import random_tiny_detokenizer  # noqa: E402
+from kimia_model.detokenizer import TOKEN_UPSAMPLE, Detokenizer, StreamingConfig  # noqa: E402
 
 
 def _bench(device: str, seconds: float, repeats: int) -> None:
-    det = Detokenizer.random_tiny(seed=0, streaming=StreamingConfig())
+    det = random_tiny_detokenizer(seed=0, streaming=StreamingConfig())
     det = Detokenizer(det.flow, det.flow_cfg, det.vocoder, det.streaming, device=device)
     n_tokens = int(seconds * 12.5)
     tokens = np.random.RandomState(0).randint(0, 64, n_tokens)

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.audio import resample  # noqa: E402
+from kimia_model.audio import resample  # noqa: E402
 
 SR = 16000
 SENTENCES = [

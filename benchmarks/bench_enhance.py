@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from stages.audio import resample  # noqa: E402
+from kimia_model.audio import resample  # noqa: E402
 
 SR = 16000
 SNRS = (0.0, 5.0, 10.0)

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-model factories
 
+from factories import tiny_config_dict, write_random_checkpoint, write_tiktoken_files  # noqa: E402
 from kimia_model.kimia_generate import KimiaGenerator, SamplingParams  # noqa: E402
-from kimia_model.kimia_lm import tiny_config_dict, write_random_checkpoint  # noqa: E402
-from kimia_model.kimia_prompt import write_tiktoken_files  # noqa: E402
 
 CONFIGS = {
     # The tests' configuration.

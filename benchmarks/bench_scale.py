@@ -56,7 +56,7 @@ def make_inputs(n: int, folder: Path) -> Path:
             subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), text], check=True, capture_output=True)
             audio, sr = sf.read(path, dtype="float32")
             if sr != 16000:
-                from stages.audio import resample
+                from kimia_model.audio import resample
 
                 audio = resample(audio, sr, 16000)
             base.append(np.concatenate([np.zeros(3200, np.float32), audio, np.zeros(3200, np.float32)]))

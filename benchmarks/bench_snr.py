@@ -26,7 +26,7 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages.audio import resample  # noqa: E402
+from kimia_model.audio import resample  # noqa: E402
 from stages.quality import _wada_table, wada_snr  # noqa: E402
 
 SR = 16000

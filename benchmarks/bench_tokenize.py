@@ -30,10 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kimia_model.audio import downmix, resample  # noqa: E402
 from kimia_model.codebook import fit_codebook, fit_kmeans  # noqa: E402
 from kimia_model.refs import resolve_packaged  # noqa: E402
-from kimia_model.whisper_vq import SAMPLE_RATE, CodebookFile, WhisperVQTokenizer, token_count  # noqa: E402
-from stages.audio import downmix, resample  # noqa: E402
+from kimia_model.whisper_vq.codebook_file import CodebookFile  # noqa: E402
+from kimia_model.whisper_vq.timing import SAMPLE_RATE, token_count  # noqa: E402
+from kimia_model.whisper_vq.tokenizer import WhisperVQTokenizer  # noqa: E402
 from stages.tokenize import TokenizeConfig, TokenizeStage  # noqa: E402
 
 SENTENCES = [

@@ -12,7 +12,9 @@ the same operation (2x upsample with a Kaiser-windowed sinc, Snake/SnakeBeta, lo
 downsample) is written in PyTorch, so it runs on CPU and on any GPU without a build step.
 
 Example:
-    >>> cfg = BigVGANConfig.tiny()
+    >>> cfg = BigVGANConfig(upsample_rates=(5, 4, 4, 3, 2), upsample_kernel_sizes=(9, 8, 8, 5, 4),
+    ...                     upsample_initial_channel=64, resblock_kernel_sizes=(3,),
+    ...                     resblock_dilation_sizes=((1, 3),))  # a tiny generator with the real hop (480)
     >>> voc = BigVGAN(cfg).eval()
     >>> voc(torch.zeros(1, cfg.num_mels, 5)).shape[-1] == 5 * cfg.hop_size
     True
@@ -133,18 +135,6 @@ class BigVGANConfig:
         d = {k: v for k, v in asdict(self).items() if k != "extra"}
         d = json.loads(json.dumps(d))  # tuples -> lists, as upstream's JSON has them
         return {**self.extra, **d}
-
-    @classmethod
-    def tiny(cls) -> BigVGANConfig:
-        """A few-thousand-parameter generator with the real hop (480) for tests and benchmarks."""
-        return cls(
-            upsample_rates=(5, 4, 4, 3, 2),
-            upsample_kernel_sizes=(9, 8, 8, 5, 4),
-            upsample_initial_channel=64,
-            resblock_kernel_sizes=(3,),
-            resblock_dilation_sizes=((1, 3),),
-        )
-
 
 # -- anti-aliased activation -----------------------------------------------------------------
 

@@ -37,8 +37,8 @@ import soundfile as sf
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kimia_model.audio import resample
 from kimia_model.bsrnn import BSRNN, BSRNNConfig, load_checkpoint, save_checkpoint
-from stages.audio import resample
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".opus")
 TRAIN_STATE_FILE = "train_state.pt"

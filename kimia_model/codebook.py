@@ -3,7 +3,7 @@
 GLM-4-Voice's released codebook cannot be downloaded here, so an offline tokenizer needs a
 codebook of its own: the 12.5 Hz vectors of any Whisper encoder (the same pooled vectors the
 tokenizer quantises, read at the same layer) are clustered with k-means and the centres become
-the codebook. The file it writes is exactly what :class:`kimia_model.whisper_vq.CodebookFile`
+the codebook. The file it writes is exactly what :class:`kimia_model.whisper_vq.codebook_file.CodebookFile`
 loads, so tokens at run time come from the same layer, pooling and distance as the fit.
 
 The k-means is mini-batch (Sculley, 2010: per-centre learning rate ``1 / count``) after a
@@ -291,8 +291,11 @@ def fit_codebook(
     import soundfile as sf
 
     from kimia_model.refs import resolve
-    from kimia_model.whisper_vq import SAMPLE_RATE, CodebookFile, WhisperVQTokenizer, load_encoder
-    from stages.audio import downmix, resample
+    from kimia_model.whisper_vq.codebook_file import CodebookFile
+    from kimia_model.whisper_vq.loaders import load_encoder
+    from kimia_model.whisper_vq.timing import SAMPLE_RATE
+    from kimia_model.whisper_vq.tokenizer import WhisperVQTokenizer
+    from kimia_model.audio import downmix, resample
 
     t0 = time.perf_counter()
     path = resolve(

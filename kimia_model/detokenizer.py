@@ -33,10 +33,10 @@ Deviations from upstream, each for a measured or stated reason:
 * Tokens may arrive incrementally (an iterator, e.g. straight from the LM): a chunk is
   processed as soon as it is complete and one more token proves it is not the last.
 
-Example:
-    >>> det = Detokenizer.random_tiny(seed=0)
-    >>> wav = det.detokenize([1, 2, 3, 4, 5] * 8, seed=0)
-    >>> wav.shape[0] == 40 * 4 * 480
+Example (``MODEL_DIR`` holds the release's ``audio_detokenizer/`` and ``vocoder/``):
+    >>> det = Detokenizer.from_pretrained(MODEL_DIR)  # doctest: +SKIP
+    >>> wav = det.detokenize([1, 2, 3, 4, 5] * 8, seed=0)  # doctest: +SKIP
+    >>> wav.shape[0] == 40 * 4 * 480  # 40 tokens, 4 mel frames each, 480 samples a frame  # doctest: +SKIP
     True
 """
 
@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimia_model.bigvgan import BigVGAN, BigVGANConfig, load_bigvgan, load_state_strict, save_bigvgan
+from kimia_model.bigvgan import BigVGAN, load_bigvgan, load_state_strict, save_bigvgan
 
 MEL_BINS = 80
 SAMPLE_RATE = 24000
@@ -589,17 +589,6 @@ class Detokenizer:
         voc = load_bigvgan(model_dir / "vocoder", dev, dt) if with_vocoder else None
         return cls(flow, cfg, voc, streaming, dev, dt)
 
-    @classmethod
-    def random_tiny(cls, seed: int = 0, vocab: int = 64, streaming: StreamingConfig | None = None,
-                    **dit_overrides: Any) -> Detokenizer:
-        """A small random detokenizer (hidden 64, 2 layers, tiny BigVGAN): tests and benchmarks."""
-        cfg = tiny_flow_config(vocab, **dit_overrides)
-        torch.manual_seed(seed)
-        flow = DiTPrefix(cfg.dit)
-        randomize_(flow, seed, scale=1.0)
-        voc = randomize_(BigVGAN(BigVGANConfig.tiny()), seed + 1, scale=0.5)
-        return cls(flow, cfg, voc, streaming)
-
     # -- the ODE ---------------------------------------------------------------------------
     def _velocity(self, x: torch.Tensor, tokens: torch.Tensor, t_index: int, positions: torch.Tensor,
                   past: list[KV] | None) -> tuple[torch.Tensor, list[KV]]:
@@ -744,32 +733,6 @@ def stitch_mel_and_vocode(det: Detokenizer, mel_chunks: Iterable[torch.Tensor]) 
     stitcher = _VocoderStitcher(det.vocode, det.streaming.crossfade)
     out = [stitcher.push(m, i == len(chunks) - 1) for i, m in enumerate(chunks)]
     return torch.cat(out).cpu().numpy()
-
-
-# -- tiny random models --------------------------------------------------------------------------
-
-
-def tiny_flow_config(vocab: int = 64, **dit_overrides: Any) -> FlowConfig:
-    """Upstream-shaped config with a tiny DiT (hidden 64, depth 2, 4 heads, RoPE)."""
-    dit = DiTConfig(semantic_vocab_size=vocab, hidden_size=64, depth=2, num_heads=4, mlp_ratio=2.0,
-                    use_rope=True, position_embedding_type="skip", max_seq_len=4096)
-    if dit_overrides:
-        dit = replace(dit, **dit_overrides)
-    return FlowConfig(dit=dit, normalize_mel=True, mel_mean=-5.0, mel_std=2.0)
-
-
-def randomize_(model: nn.Module, seed: int, scale: float = 0.3) -> nn.Module:
-    """Give every parameter non-trivial random values.
-
-    Upstream initialises adaLN and output layers to zero (adaLN-Zero), which makes an
-    untrained network output exactly 0 and would hide bugs; random tests need all paths live.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            fan_in = p[0].numel() if p.ndim > 1 else 1
-            p.copy_(torch.randn(p.shape, generator=g) * (scale / math.sqrt(fan_in) if p.ndim > 1 else 0.05))
-    return model
 
 
 def save_pretrained(det: Detokenizer, model_dir: str | Path) -> Path:

@@ -20,7 +20,7 @@ The loop follows upstream's ``KimiAudio._generate_loop``:
 Entry points: :meth:`KimiaGenerator.generate` (messages in, :class:`GenerationResult` out),
 :meth:`KimiaGenerator.stream_audio_codes` (semantic codes yielded as they are sampled, for a
 streaming detokenizer) and :meth:`KimiaGenerator.tts_token_generator` (the callable
-``stages.tts.KimiaTTS`` takes).
+``kimia_model.tts.KimiaTTS`` takes).
 
 Differences from upstream, on purpose: the text-only mode skips the audio branch (its
 output is discarded there anyway, and text logits do not depend on it), histories are
@@ -340,7 +340,7 @@ class KimiaGenerator:
         seed: int = 0,
         max_new_tokens: int = -1,
     ) -> Callable[[str, str], Iterator[int]]:
-        """A ``(text, voice) -> codes`` callable for ``stages.tts.KimiaTTS`` (one voice, "kimia").
+        """A ``(text, voice) -> codes`` callable for ``kimia_model.tts.KimiaTTS`` (one voice, "kimia").
 
         Upstream has no TTS mode (its issue #35); this prompts the model to read the text
         with ``instruction`` (``{text}`` is replaced) and streams the spoken answer's codes.

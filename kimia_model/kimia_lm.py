@@ -245,7 +245,7 @@ class KimiaLM(nn.Module):
     """Kimi-Audio's dual-stream LM (``MoonshotKimiaForCausalLM`` tensor layout).
 
     Build with :meth:`from_pretrained` for real or test checkpoints, or directly from a
-    config for random weights (:func:`write_random_checkpoint`).
+    config for random weights (the tests' factories save such a model as a checkpoint).
     """
 
     def __init__(self, config: Qwen2Config, attn_implementation: str = "sdpa") -> None:
@@ -648,98 +648,3 @@ def _assign(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
 def _names(names: Sequence[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-# -- random checkpoints in the upstream layout (tests, benchmarks) ------------------------------
-
-
-def tiny_config_dict(**overrides: Any) -> dict[str, Any]:
-    """A small ``config.json`` dict in the upstream key layout (for tests and benchmarks).
-
-    Text ids follow the upstream tokenizer layout (``num_base_tokens`` BPE ids, then 421
-    special/reserved ids, then audio codes at ``kimia_token_offset``), so a tiny tokenizer
-    built by :func:`kimia_model.kimia_prompt.write_tiktoken_files` with the same number of
-    base tokens fits.
-    """
-    num_base = overrides.pop("num_base_tokens", 512)
-    offset = num_base + 421
-    codes = overrides.pop("num_audio_codes", 64)
-    cfg: dict[str, Any] = {
-        "architectures": ["MoonshotKimiaForCausalLM"],
-        "model_type": "kimia",
-        "auto_map": {"AutoModelForCausalLM": "modeling_moonshot_kimia.MoonshotKimiaForCausalLM"},
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "hidden_act": "silu",
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": False,
-        "vocab_size": offset + codes,
-        "num_base_tokens": num_base,
-        "kimia_token_offset": offset,
-        "kimia_text_output_vocab": offset,
-        "kimia_audio_output_vocab": codes,
-        "kimia_mimo_layers": 2,
-        "kimia_mimo_transformer_from_layer_index": 1,
-        "kimia_mimo_audiodelaytokens": 6,
-        "use_whisper_feature": True,
-        "kimia_adaptor_input_dim": 16,
-        # Slots of <|im_media_begin|> / <|im_media_end|> in the special-token block
-        # (151661 / 151663 = 151643 + 18 / + 20 in the real release).
-        "kimia_media_begin": num_base + 18,
-        "kimia_media_end": num_base + 20,
-        "torch_dtype": "bfloat16",
-    }
-    cfg.update(overrides)
-    return cfg
-
-
-def write_random_checkpoint(
-    out_dir: str | Path,
-    config: dict[str, Any],
-    *,
-    seed: int = 0,
-    shards: int = 2,
-    std: float = 0.2,
-) -> Path:
-    """Save a random model in the upstream layout: config.json + safetensors shards + index.
-
-    Weights are drawn with a larger spread than a trained model's init so that random
-    logits are peaked enough for greedy decoding to be stable under float rounding.
-    The files are saved in bfloat16, as the real release is.
-    """
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = config_from_dict(config)
-    gen = torch.Generator().manual_seed(seed)
-    model = KimiaLM(cfg)
-    state: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or name.endswith("layernorm.weight") or name.endswith("layers.4.weight"):
-            t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
-        elif name.endswith("bias"):
-            t = 0.05 * torch.randn(p.shape, generator=gen)
-        else:
-            t = std * torch.randn(p.shape, generator=gen)
-        state[name] = t.to(torch.bfloat16).contiguous()
-    names = list(state)
-    per = math.ceil(len(names) / max(1, shards))
-    weight_map: dict[str, str] = {}
-    total = max(1, math.ceil(len(names) / per))
-    for s in range(total):
-        chunk = names[s * per : (s + 1) * per]
-        fname = f"model-{s + 1:05d}-of-{total:05d}.safetensors"
-        save_file({n: state[n] for n in chunk}, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in chunk})
-    size = sum(t.numel() * t.element_size() for t in state.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=1)
-    )
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    return out

@@ -22,7 +22,6 @@ it is read from the model directory without running the release's remote code.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -142,46 +141,6 @@ class KimiaTextTokenizer:
         """Text of BPE ids; special (and out-of-range, e.g. audio) ids are dropped by default."""
         keep = [int(i) for i in ids if int(i) < self.num_base_tokens or (not skip_special and int(i) in self._special_ids)]
         return self.model.decode(keep)
-
-
-def write_tiktoken_files(out_dir: str | Path, words: Sequence[str] = (), *, num_base_tokens: int | None = None) -> Path:
-    """Write a small ``tiktoken.model`` (+ ``tokenizer_config.json``) in the release's format.
-
-    The BPE has all 256 bytes, then merges that build each word (and its space-prefixed
-    form) left to right, then filler merges up to ``num_base_tokens``. For tests and
-    benchmarks; the real file comes with the model.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
-
-    def add(tok: bytes) -> None:
-        if tok not in ranks:
-            ranks[tok] = len(ranks)
-
-    for w in words:
-        for form in (w.encode(), b" " + w.encode()):
-            for end in range(2, len(form) + 1):
-                add(form[:end])
-    if num_base_tokens is not None:
-        if len(ranks) > num_base_tokens:
-            raise ValueError(f"{len(ranks)} BPE tokens do not fit num_base_tokens={num_base_tokens}")
-        i = 0
-        while len(ranks) < num_base_tokens:
-            add(b"\x00\x01" + i.to_bytes(4, "big"))  # unreachable merges: pure id padding
-            i += 1
-    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
-    (out / "tiktoken.model").write_text("\n".join(lines) + "\n")
-    base = len(ranks)
-    added = {
-        str(base + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                        "special": True}
-        for i, t in enumerate(special_token_layout())
-    }  # fmt: skip
-    (out / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "TikTokenTokenizer", "added_tokens_decoder": added}, indent=1)
-    )
-    return out / "tiktoken.model"
 
 
 @dataclass(frozen=True)
@@ -465,7 +424,7 @@ def load_audio_16k(ref: Any, sample_rate: int | None, where: str = "audio") -> n
     Raises:
         PromptError: unreadable file, non-finite samples or an empty result.
     """
-    from stages.audio import downmix, resample
+    from kimia_model.audio import downmix, resample
 
     if isinstance(ref, (str, Path)):
         import soundfile as sf

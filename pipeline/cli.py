@@ -63,6 +63,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("pipeline.outlock", "OutputLockedError"),
         ("pipeline.outlock", "ConfigChangedError"),
         ("kimia_model.refs", "ModelNotFoundError"),
+        ("stages.diarize.evaluate", "EvalInputError"),
     ]
     found = (getattr(sys.modules[m], n, None) for m, n in names if m in sys.modules)
     return tuple(t for t in found if isinstance(t, type) and issubclass(t, BaseException))
@@ -153,7 +154,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from stages.audit.cli import run as run_audit
+    from pipeline.audit.cli import run as run_audit
 
     return run_audit(args)
 
@@ -203,7 +204,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not any((run_dir / "shards").glob("*.tar")):
         raise UsageError(f"{args.run} holds no shards (OUT/shards/*.tar): pass the --output folder of a finished run")
     dest = _output_dir(args.dest, "DEST")
-    from stages.export_kimi import export_kimi_audio
+    from pipeline.export.kimi_audio import export_kimi_audio
 
     result = export_kimi_audio(run_dir, dest, task=args.task)
     print(json.dumps(result, indent=2, default=str))
@@ -219,7 +220,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if args.max_wer is not None and args.max_wer < 0:
         raise UsageError(f"--max-wer must be >= 0 (got {args.max_wer})")
     cfg, _ = _load(args)
-    from pipeline.synth import run_synth
+    from pipeline.synth.workflow import run_synth
 
     if args.backend:
         cfg.roundtrip.tts_backend = args.backend
@@ -269,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decode", action="store_true", help="skip decoding audio (faster)")
     p.set_defaults(func=cmd_inspect)
 
-    from stages.audit.cli import DESCRIPTION as AUDIT_DESCRIPTION
-    from stages.audit.cli import add_arguments as add_audit_arguments
+    from pipeline.audit.cli import DESCRIPTION as AUDIT_DESCRIPTION
+    from pipeline.audit.cli import add_arguments as add_audit_arguments
 
     p = sub.add_parser(
         "audit", help="quality report (OUT/audit/report.html, audit.json); --against BASE compares runs",

@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 from pydantic import Field
 
-from stages.audio import downmix, normalize_loudness, resample
+from kimia_model.audio import downmix, normalize_loudness, resample
 from stages.base import STATUS_OK, Row, Stage, StageConfig, StageError, TransientError
 from stages.rows import recording_id
 

@@ -11,7 +11,7 @@ and later stages read whichever stream their own config names. Two backends:
   ``workflows/train_bsrnn.py``; CPU or GPU, chunked with bounded memory.
 
 Audio is resampled to 48 kHz for the model and back to the row's rate with the project's
-band-limited resampler (``stages.audio.resample``). The output has exactly the input's length
+band-limited resampler (``kimia_model.audio.resample``). The output has exactly the input's length
 and no time shift: DeepFilterNet's 30 ms algorithmic delay is removed, BSRNN is aligned by
 construction. If enhancement would push the peak above ``peak_limit`` the whole recording is
 scaled down, so the 16-bit FLAC writer never clips it.
@@ -39,8 +39,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from kimia_model.audio import resample
 from kimia_model.refs import ModelNotFoundError, missing, resolve, resolve_packaged
-from stages.audio import resample
 from stages.base import Row, Stage, StageConfig, StageContext, StageError
 
 #: Both backends run at full band.

@@ -44,8 +44,8 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
+from kimia_model.audio import resample
 from kimia_model.refs import missing, resolve_packaged
-from stages.audio import resample
 from stages.base import Row, Stage, StageConfig, StageError
 from stages.rows import finite_or_none
 

@@ -34,9 +34,9 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from kimia_model.refs import ModelNotFoundError, missing
+from kimia_model.tts import ESPEAK_BINARY, TokenGenerator, TTSBackend, TTSError, build_tts
 from stages.base import Row, Stage, StageConfig, StageContext, StageError
 from stages.transcribe import TranscribeConfig
-from stages.tts import ESPEAK_BINARY, TokenGenerator, TTSBackend, TTSError, build_tts
 
 #: Languages written without spaces between words: WER is meaningless there, CER decides.
 UNSPACED_LANGUAGES = ("zh", "ja", "ko", "yue", "th", "lo", "my", "km")

@@ -6,7 +6,7 @@ Whisper+VQ tokens at 12.5 Hz and continuous Whisper encoder features grouped by 
 row so the shards carry what Kimi-Audio training consumes:
 
 * ``semantic_tokens``: ``np.int32 [T]`` codebook indices (unshifted, 0..K-1),
-  ``T = ceil(samples_16k / 1280)`` exactly (see :mod:`kimia_model.whisper_vq` for the window
+  ``T = ceil(samples_16k / 1280)`` exactly (see :mod:`kimia_model.whisper_vq.timing` for the window
   and boundary contract);
 * ``whisper_features`` (when ``store_features``): ``np.float16 [T, 4 D]``, row ``k`` = encoder
   frames ``4k..4k+3`` of the chosen layer, so it lines up one-to-one with the tokens.
@@ -38,8 +38,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from kimia_model.audio import resample
 from kimia_model.refs import ModelNotFoundError, resolve
-from stages.audio import resample
 from stages.base import Row, Stage, StageConfig, StageContext, StageError
 
 FIT_HINT = (
@@ -153,7 +153,7 @@ class TokenizeStage(Stage):
     def setup(self) -> None:
         import torch
 
-        from kimia_model.whisper_vq import WhisperVQTokenizer
+        from kimia_model.whisper_vq.tokenizer import WhisperVQTokenizer
 
         cfg = self.config
         threads = cfg.torch_threads or max(1, int(round(cfg.num_cpus)))
@@ -181,7 +181,7 @@ class TokenizeStage(Stage):
 
     # -- work ----------------------------------------------------------------------------------
     def _audio16k(self, row: Row) -> np.ndarray:
-        from kimia_model.whisper_vq import SAMPLE_RATE
+        from kimia_model.whisper_vq.timing import SAMPLE_RATE
 
         field = self.config.audio_field
         if field == "auto":
@@ -200,7 +200,7 @@ class TokenizeStage(Stage):
         return resample(audio.astype(np.float32, copy=False), int(sr), SAMPLE_RATE)
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
-        from kimia_model.whisper_vq import POOL, token_count
+        from kimia_model.whisper_vq.timing import POOL, token_count
 
         cfg = self.config
         ready: list[tuple[int, np.ndarray]] = []

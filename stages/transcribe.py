@@ -29,8 +29,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import Field
 
+from kimia_model.audio import resample
 from kimia_model.refs import missing, resolve
-from stages.audio import resample
 from stages.base import Row, Stage, StageConfig, StageContext
 
 ASR_SAMPLE_RATE = 16000

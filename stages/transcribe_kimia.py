@@ -14,7 +14,7 @@ fields as the Whisper backends so the stage and the round-trip check need no spe
 * ``compression_ratio``: zlib ratio of the text, as Whisper computes it.
 
 The Whisper+VQ semantic tokenizer and the Whisper-large-v3 feature encoder come from
-:mod:`kimia_model.whisper_vq` unless callables are injected (tests use fakes).
+:mod:`kimia_model.whisper_vq.tokenizer` unless callables are injected (tests use fakes).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from kimia_model.audio import resample
 from kimia_model.kimia_generate import KimiaGenerator, SamplingParams
 from kimia_model.kimia_prompt import AudioTokenizer, FeatureExtractor, PromptError
 from kimia_model.refs import ModelNotFoundError, default_cache_dir, missing
-from stages.audio import resample
 from stages.base import StageError
 
 #: Upstream's ASR instruction (``infer.py``: "convert the audio content to text").
@@ -242,7 +242,7 @@ def _default_audio_tokenizer(model_dir: Path, glm_dir: str | Path | None, device
             "Kimi-Audio reads audio through GLM-4-Voice's tokenizer: copy the THUDM/glm-4-voice-tokenizer "
             f"directory to {cands[0]} (or pass glm_tokenizer_dir).",
         )
-    from kimia_model.whisper_vq import WhisperVQTokenizer
+    from kimia_model.whisper_vq.tokenizer import WhisperVQTokenizer
 
     tok = WhisperVQTokenizer.load(found, device=device)
 
@@ -261,7 +261,7 @@ def _default_feature_extractor(model_dir: Path, device: str) -> FeatureExtractor
             f"model weights not found: {wdir} (config key `transcribe.model`). The Kimi-Audio release ships "
             "its fine-tuned whisper-large-v3 encoder in this subdirectory; copy the whole model directory."
         )
-    from kimia_model.whisper_vq import WhisperVQTokenizer
+    from kimia_model.whisper_vq.tokenizer import WhisperVQTokenizer
 
     # Kimi-Audio's continuous path pads every window to 30 s without a mask (plain Whisper).
     enc = WhisperVQTokenizer.load(wdir, device=device, padding="full")

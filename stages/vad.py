@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.audio import resample
+from kimia_model.audio import resample
 
 VAD_SAMPLE_RATE = 16000
 

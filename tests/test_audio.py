@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.audio import decode_bytes, downmix, encode_flac, measure_lufs, normalize_loudness, resample
+from kimia_model.audio import decode_bytes, downmix, encode_flac, measure_lufs, normalize_loudness, resample
 
 
 def _tone(freq: float, sr: int, seconds: float = 1.0) -> np.ndarray:

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.audio import encode_flac
-from stages.audit import audit, main
-from stages.audit.core import map_shards
+from kimia_model.audio import encode_flac
+from pipeline.audit import audit, main
+from pipeline.audit.core import map_shards
 from stages.filter import FilterConfig, FilterStage
 from stages.quality import QualityConfig, QualityStage
 from stages.rows import sample_key
@@ -371,7 +371,7 @@ def test_map_shards_pulls_tasks_lazily() -> None:
 def test_audit_on_ray_matches_local(tmp_path, rows, monkeypatch) -> None:
     import ray
 
-    from stages.audit import core
+    from pipeline.audit import core
 
     out = _clean(tmp_path, rows)
     monkeypatch.setattr(core, "_ray_ready", lambda: False)

@@ -32,6 +32,10 @@ def work(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "nosource.jsonl").write_text(json.dumps("audio/clip.wav") + "\n")  # a string, not an entry
     (tmp_path / "afile").write_text("not a folder")
     (tmp_path / "notarun").mkdir()
+    (tmp_path / "rttm").mkdir()
+    (tmp_path / "rttm" / "other.rttm").write_text("SPEAKER other 1 0.00 1.00 <NA> <NA> A <NA> <NA>\n")
+    (tmp_path / "badrttm").mkdir()
+    (tmp_path / "badrttm" / "clip.rttm").write_text("SPEAKER clip 1 zero\n")
     return {"root": tmp_path, "cwd": tmp_path / "cwd", "audio": audio, "out": tmp_path / "OUT"}
 
 
@@ -85,6 +89,10 @@ CASES: list[tuple[str, list[str], str]] = [
      "--input not found"),
     ("eval, no rttm in folder", ["eval", "diarization", "--reference", "{audio}", "--input", "{audio}"],
      "no .rttm files"),
+    ("eval, no audio matches a reference", ["eval", "diarization", "--reference", "{root}/rttm", "--input", "{audio}"],
+     "matches a reference uri"),
+    ("eval, malformed RTTM", ["eval", "diarization", "--reference", "{root}/badrttm", "--input", "{audio}"],
+     "malformed RTTM line"),
     ("tokenizer, input missing", ["tokenizer", "fit", "{root}/nope", "--out", "x"], "audio input not found"),
     ("tokenizer, bad --size", ["tokenizer", "fit", "{audio}", "--out", "x", "--size", "1"], "--size must be >= 2"),
     ("tokenizer, --size not a number", ["tokenizer", "fit", "{audio}", "--out", "x", "--size", "many"], "--size"),
@@ -127,7 +135,7 @@ def test_help_works_on_every_subcommand(tmp_path: Path, argv: list[str]) -> None
 
 
 def test_audit_module_entry_point_reports_the_same_way(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "stages.audit", str(tmp_path / "nope")], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.audit", str(tmp_path / "nope")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "OUT not found" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from stages.audio import measure_lufs
+from kimia_model.audio import measure_lufs
 from stages.base import STATUS_OK, STATUS_QUARANTINED
 from stages.decode import DecodeConfig, DecodeStage
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from factories import random_tiny_detokenizer, randomize_, tiny_bigvgan_config, tiny_flow_config
 from kimia_model.bigvgan import (
     Activation1d,
     BigVGAN,
-    BigVGANConfig,
     fuse_weight_norm,
     load_bigvgan,
     save_bigvgan,
@@ -25,9 +25,7 @@ from kimia_model.detokenizer import (
     FlowConfig,
     StreamingConfig,
     load_flow_model,
-    randomize_,
     save_pretrained,
-    tiny_flow_config,
 )
 
 torch.set_num_threads(1)
@@ -41,7 +39,7 @@ def _local_model(crossfade: str = "raised-cosine") -> Detokenizer:
     For such a model any correct chunking must give exactly the whole-sequence mel, so every
     difference in the waveform comes from the vocoder seams, which is what these tests probe.
     """
-    det = Detokenizer.random_tiny(seed=0, streaming=StreamingConfig(crossfade=crossfade))
+    det = random_tiny_detokenizer(seed=0, streaming=StreamingConfig(crossfade=crossfade))
     with torch.no_grad():
         for block in det.flow.blocks:
             block.attn.proj.weight.zero_()
@@ -70,7 +68,7 @@ def _seam_regions(det: Detokenizer, n_tokens: int) -> list[tuple[int, int]]:
 
 
 def test_upstream_layout_roundtrip(tmp_path):
-    det = Detokenizer.random_tiny(seed=3)
+    det = random_tiny_detokenizer(seed=3)
     save_pretrained(det, tmp_path)
     flow_ckpt = torch.load(tmp_path / "audio_detokenizer" / "model.pt", weights_only=True)
     keys = set(flow_ckpt["state_dict"])
@@ -93,7 +91,7 @@ def test_upstream_layout_roundtrip(tmp_path):
 
 
 def test_config_yaml_keys(tmp_path):
-    det = Detokenizer.random_tiny()
+    det = random_tiny_detokenizer()
     save_pretrained(det, tmp_path)
     import yaml
 
@@ -107,7 +105,7 @@ def test_config_yaml_keys(tmp_path):
 
 
 def test_load_errors_name_the_tensors(tmp_path):
-    det = Detokenizer.random_tiny()
+    det = random_tiny_detokenizer()
     save_pretrained(det, tmp_path)
     path = tmp_path / "audio_detokenizer" / "model.pt"
     ckpt = torch.load(path, weights_only=True)
@@ -119,7 +117,7 @@ def test_load_errors_name_the_tensors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_bigvgan(tmp_path / "nowhere")
     # a vocoder checkpoint with a wrong shape
-    voc = BigVGAN(BigVGANConfig.tiny())
+    voc = BigVGAN(tiny_bigvgan_config())
     save_bigvgan(voc, tmp_path / "v")
     ck = torch.load(tmp_path / "v" / "model.pt", weights_only=True)
     ck["generator"]["conv_post.weight_v"] = torch.zeros(1, 3, 7)
@@ -131,7 +129,7 @@ def test_load_errors_name_the_tensors(tmp_path):
 
 
 def test_weight_norm_fuse_is_exact_inverse():
-    voc = randomize_(BigVGAN(BigVGANConfig.tiny()), 0, 0.5)
+    voc = randomize_(BigVGAN(tiny_bigvgan_config()), 0, 0.5)
     state = voc.state_dict()
     back = fuse_weight_norm(split_weight_norm(state, voc))
     assert set(back) == set(state)
@@ -177,7 +175,7 @@ def test_kv_cache_equals_full_forward_with_block_mask(pos_type, use_rope):
 
 
 def test_sampler_is_deterministic_and_seeded():
-    det = Detokenizer.random_tiny(seed=1)
+    det = random_tiny_detokenizer(seed=1)
     a = det.mel_whole(TOKENS[:20], seed=4)
     b = det.mel_whole(TOKENS[:20], seed=4)
     c = det.mel_whole(TOKENS[:20], seed=5)
@@ -238,7 +236,7 @@ def test_no_discontinuity_at_seams_and_upstream_window_comparison():
 
 
 def test_streaming_yields_as_tokens_arrive_and_full_model_is_consistent():
-    det = Detokenizer.random_tiny(seed=2)  # attention live: chunks depend on the cached prefix
+    det = random_tiny_detokenizer(seed=2)  # attention live: chunks depend on the cached prefix
     consumed = []
 
     def token_source():
@@ -272,7 +270,7 @@ def test_streaming_yields_as_tokens_arrive_and_full_model_is_consistent():
 
 def test_cache_cap_and_position_reset_paths():
     stream_cfg = StreamingConfig(max_kv_cache_frames=160, max_positions=700)
-    det = Detokenizer.random_tiny(seed=0, streaming=stream_cfg)
+    det = random_tiny_detokenizer(seed=0, streaming=stream_cfg)
     lengths = []
     orig = det._trim
 
@@ -288,7 +286,7 @@ def test_cache_cap_and_position_reset_paths():
 
 
 def test_bad_tokens_are_clear_errors():
-    det = Detokenizer.random_tiny()
+    det = random_tiny_detokenizer()
     with pytest.raises(ValueError, match=r"\[0, 64\)"):
         det.detokenize([1, 2, 64])
     with pytest.raises(ValueError, match="integers"):
@@ -301,7 +299,7 @@ def test_bad_tokens_are_clear_errors():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_cuda_matches_cpu(tmp_path):
-    det = Detokenizer.random_tiny(seed=3)
+    det = random_tiny_detokenizer(seed=3)
     save_pretrained(det, tmp_path)
     gpu = Detokenizer.from_pretrained(tmp_path, device="cuda", dtype=torch.float32)
     a = det.detokenize(TOKENS[:40], seed=2)

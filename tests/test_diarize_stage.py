@@ -144,7 +144,7 @@ def test_segments_follow_the_row_contract():
 
 def test_other_sample_rate_and_enhanced_stream():
     a16 = conversation([(0.5, 3.0, 120), (4.0, 3.0, 400)], 8.0)
-    from stages.audio import resample
+    from kimia_model.audio import resample
 
     a24 = resample(a16, SR, 24000)
     silent = np.zeros_like(a24)  # the original stream is silent, the enhanced one is not

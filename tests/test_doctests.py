@@ -8,9 +8,9 @@ import importlib
 import pytest
 
 MODULES = [
-    "pipeline.guard", "pipeline.usage", "stages.base", "stages.rows", "stages.audio", "stages.segment",
+    "pipeline.guard", "pipeline.usage", "stages.base", "stages.rows", "kimia_model.audio", "stages.segment",
     "stages.textnorm", "stages.vad", "stages.quality", "stages.filter", "stages.write.layout", "stages.write.writer",
-    "stages.audit.agg", "stages.audit.compare",
+    "pipeline.audit.agg", "pipeline.audit.compare", "kimia_model.whisper_vq.timing",
 ]
 
 

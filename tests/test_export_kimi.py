@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from kimia_model.whisper_vq import token_count
-from stages.export_kimi import AUDIO_TOKEN_OFFSET, export_kimi_audio, validate_line
+from kimia_model.whisper_vq.timing import token_count
+from pipeline.export.kimi_audio import AUDIO_TOKEN_OFFSET, export_kimi_audio, validate_line
 
 
 def _flac(n: int, sr: int) -> bytes:

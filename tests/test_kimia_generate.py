@@ -16,18 +16,17 @@ import pytest
 import soundfile as sf
 import torch
 
+from factories import tiny_config_dict, write_random_checkpoint, write_tiktoken_files
 from kimia_model.kimia_generate import (
     BOTH_MAX_TOTAL,
     KimiaGenerator,
     SamplingParams,
     sample_token,
 )
-from kimia_model.kimia_lm import tiny_config_dict, write_random_checkpoint
 from kimia_model.kimia_prompt import (
     KimiaTextTokenizer,
     PromptError,
     special_token_layout,
-    write_tiktoken_files,
 )
 from stages.base import StageError
 
@@ -341,7 +340,7 @@ def test_streamed_codes_match_batch_and_arrive_lazily(gen: KimiaGenerator) -> No
     assert len(calls) == gen.delay + 1 < n_batch  # the first code comes before the answer ends
     assert [first, *stream] == batch.audio_tokens.tolist() == [3 + (s % 2) for s in range(gen.delay, 16)]
 
-    from stages.tts import KimiaTTS
+    from kimia_model.tts import KimiaTTS
 
     class FakeDetok:
         sample_rate = 24000

@@ -17,14 +17,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from factories import tiny_config_dict, write_random_checkpoint
 from kimia_model.kimia_lm import (
     CheckpointError,
     KimiaLM,
     KVCache,
     load_config,
     media_span_mask,
-    tiny_config_dict,
-    write_random_checkpoint,
 )
 
 torch.set_num_threads(1)

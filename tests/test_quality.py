@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from kimia_model.audio import decode_bytes, encode_flac, resample
 from kimia_model.refs import ModelNotFoundError
-from stages.audio import decode_bytes, encode_flac, resample
 from stages.filter import FilterConfig, FilterStage
 from stages.quality import (
     QualityConfig,

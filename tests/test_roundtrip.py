@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
+from kimia_model.tts import EspeakTTS, TTSError, parse_wav_bytes
 from stages.base import StageContext
 from stages.roundtrip import RoundtripConfig, RoundtripStage, normalize_text, score
-from stages.tts import EspeakTTS, TTSError, parse_wav_bytes
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 
@@ -48,7 +48,7 @@ class _FasterWhisperAsr:
         self.model = WhisperModel(str(path), device="cpu", compute_type="int8", cpu_threads=2)
 
     def transcribe(self, audios: list[np.ndarray], sample_rate: int) -> list[dict]:
-        from stages.audio import resample
+        from kimia_model.audio import resample
 
         out = []
         for a in audios:
@@ -166,9 +166,11 @@ def test_config_validation_and_missing_weights(tmp_path):
 
 def test_token_check_path_with_tiny_detokenizer(tmp_path):
     """Token mode end to end (random weights: the recognizer must hear non-speech and fail it)."""
-    from kimia_model.detokenizer import Detokenizer, save_pretrained
+    from factories import random_tiny_detokenizer
 
-    save_pretrained(Detokenizer.random_tiny(seed=0, vocab=16384), tmp_path)
+    from kimia_model.detokenizer import save_pretrained
+
+    save_pretrained(random_tiny_detokenizer(seed=0, vocab=16384), tmp_path)
 
     class _Echo:  # recognizer stand-in: proves the detokenized audio reached it at 24 kHz
         def transcribe(self, audios, sample_rate):
@@ -188,7 +190,7 @@ def test_token_check_path_with_tiny_detokenizer(tmp_path):
 
 
 def test_synthesize_corpus_keeps_only_what_round_trips(tmp_path, asr, tts):
-    from kimia_model.synth import SynthStats, synthesize_corpus
+    from pipeline.synth.corpus import SynthStats, synthesize_corpus
 
     texts = tmp_path / "texts.jsonl"
     lines = [{"text": SENTENCES[0]}, {"text": "xkcd qwzr plmbt vtnq zzkj", "id": "junk"}, {"text": "[Music]"},

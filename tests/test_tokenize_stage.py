@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kimia_model.refs import ModelNotFoundError
-from kimia_model.whisper_vq import CodebookFile, token_count
+from kimia_model.whisper_vq.codebook_file import CodebookFile
+from kimia_model.whisper_vq.timing import token_count
 from stages.base import StageContext
 from stages.tokenize import TokenizeConfig, TokenizeStage
 

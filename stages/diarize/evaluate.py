@@ -22,6 +22,15 @@ import numpy as np
 
 from stages.diarize.postprocess import Turn
 
+
+class EvalInputError(ValueError):
+    """References or audio that cannot be scored (a malformed RTTM line, no audio matching a reference).
+
+    A mistake in what the user passed, phrased as one line: the CLI reports it and exits 2.
+    Defined here rather than borrowed from the CLI so that stages never import ``pipeline``.
+    """
+
+
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aiff", ".aif")
 
 
@@ -29,7 +38,7 @@ def read_rttm(path: Path) -> dict[str, list[tuple[float, float, str]]]:
     """Parse an RTTM file into ``{uri: [(start, end, speaker), ...]}`` (SPEAKER lines only).
 
     Raises:
-        ValueError: on a malformed SPEAKER line, naming file and line number.
+        EvalInputError: on a malformed SPEAKER line, naming file and line number.
     """
     out: dict[str, list[tuple[float, float, str]]] = {}
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
@@ -39,7 +48,7 @@ def read_rttm(path: Path) -> dict[str, list[tuple[float, float, str]]]:
         try:
             uri, start, dur, spk = parts[1], float(parts[3]), float(parts[4]), parts[7]
         except (IndexError, ValueError) as exc:
-            raise ValueError(f"{path}:{n}: malformed RTTM line: {line!r}") from exc
+            raise EvalInputError(f"{path}:{n}: malformed RTTM line: {line!r}") from exc
         out.setdefault(uri, []).append((start, start + dur, spk))
     return out
 
@@ -101,7 +110,7 @@ def load_audio(path: Path) -> tuple[np.ndarray, int]:
     """Read an audio file with soundfile and downmix it to mono float32."""
     import soundfile as sf
 
-    from stages.audio import downmix
+    from kimia_model.audio import downmix
 
     audio, sr = sf.read(str(path), dtype="float32", always_2d=False)
     return downmix(audio), int(sr)
@@ -154,17 +163,15 @@ def eval_diarization(
         averages JER, and adds the real-time factor and speaker-count error.
 
     Raises:
-        UsageError: no audio input, or no reference for any input (nothing is written then).
+        EvalInputError: no audio input, or no reference for any input (nothing is written then).
     """
     from stages.diarize.stage import DiarizeStage
-
-    from pipeline.usage import UsageError
 
     reference, inputs, out_dir = Path(reference), Path(inputs), Path(out_dir)
     refs = _references(reference)
     files = [f for f in _find_inputs(inputs) if f.stem in refs]
     if not files:
-        raise UsageError(f"no audio under {inputs} matches a reference uri in {reference} "
+        raise EvalInputError(f"no audio under {inputs} matches a reference uri in {reference} "
                          "(name each audio file after its RTTM uri or RTTM file stem)")
     out_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to score
     if stage is None:
@@ -172,7 +179,7 @@ def eval_diarization(
         stage.check()
         stage.setup()
         stage._ready = True
-    from stages.audio import resample
+    from kimia_model.audio import resample
 
     results = []
     for f in files:

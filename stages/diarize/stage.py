@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from stages.audio import resample
+from kimia_model.audio import resample
 from stages.base import Row, Stage, StageConfig, StageError
 from stages.diarize.postprocess import (
     Chunk,

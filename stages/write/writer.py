@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import Field
 
-from stages.audio import encode_flac
+from kimia_model.audio import encode_flac
 from stages.base import KIND_BAD_INPUT, STATUS_EMPTY, STATUS_OK, STATUS_QUARANTINED, Row, Stage, StageConfig
 from stages.rows import ARRAY_FIELDS, sample_key, segment_duration, segment_views
 from stages.write.layout import DROPPED, JSON_COLUMNS, KEPT, OutLayout, RecordingOutcome, plain

@@ -1,7 +1,7 @@
-"""``kimia-curate audit OUT [--against BASE]`` (also ``python -m stages.audit``).
+"""``kimia-curate audit OUT [--against BASE]`` (also ``python -m pipeline.audit``).
 
 The arguments are declared once, in :func:`add_arguments`, so the ``kimia-curate audit``
-subcommand and ``python -m stages.audit`` accept (and ``--help`` shows) the same options.
+subcommand and ``python -m pipeline.audit`` accept (and ``--help`` shows) the same options.
 Exit codes: 0 every integrity check passed, 1 one failed, 2 bad usage (one line on stderr),
 so a CI job or a Ray job can gate on it.
 """
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         # Likely an input folder passed by mistake: the report must not be written into it.
         raise UsageError(f"{args.out} is not the output of a run (no manifest.json, index/ or _state/): "
                          "pass the --output folder of kimia-curate run")
-    from stages.audit.core import audit
+    from pipeline.audit.core import audit
 
     if args.address:
         import ray
@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m stages.audit``: parse, run, and turn a usage mistake into one line, exit 2."""
-    parser = OneLineParser(prog="python -m stages.audit", description=DESCRIPTION)
+    """``python -m pipeline.audit``: parse, run, and turn a usage mistake into one line, exit 2."""
+    parser = OneLineParser(prog="python -m pipeline.audit", description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

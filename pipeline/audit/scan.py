@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from stages.audit.agg import Example, SetAggregate, TopK
+from pipeline.audit.agg import Example, SetAggregate, TopK
 from stages.quality import audio_fingerprint
 from stages.rows import finite_or_none
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from stages.audit.core import RunScan
+    from pipeline.audit.agg import RunScan
 
 #: Audio players are trimmed to this many seconds to keep the page light.
 MAX_PLAYER_S = 10.0

@@ -33,8 +33,6 @@ from typing import Protocol
 
 import numpy as np
 
-from stages.base import StageError
-
 ESPEAK_BINARY = "/usr/bin/espeak-ng"
 #: espeak-ng voice names are language codes with optional variant ("en-gb+f2"); nothing else
 #: reaches the command line.
@@ -42,8 +40,14 @@ _VOICE_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}(\+[A-Za-z0-9_-]{1,20})?$")
 MAX_TEXT_CHARS = 2000
 
 
-class TTSError(StageError):
-    """Text that cannot be spoken (empty, too long, unknown voice, synthesiser failure)."""
+class TTSError(RuntimeError):
+    """Text that cannot be spoken (empty, too long, unknown voice, synthesiser failure).
+
+    A property of the text, not of the machine: the round-trip stage and the synthesis
+    workflow catch it and drop the sample with ``roundtrip_tts_failed``. It derives from
+    ``RuntimeError`` as the stages' ``StageError`` does, but not from it: model code does
+    not import the stages.
+    """
 
 
 class TTSBackend(Protocol):

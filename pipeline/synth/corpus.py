@@ -12,7 +12,7 @@ A line without ``voice`` gets the next voice of ``voices`` in turn, so a corpus 
 over all of them; ``per_text="each"`` speaks every text with every voice instead.
 
 Example:
-    >>> from stages.tts import EspeakTTS
+    >>> from kimia_model.tts import EspeakTTS
     >>> stats = SynthStats()
     >>> rows = list(synthesize_corpus(Path("texts.jsonl"), ["en-us", "en+f3"], EspeakTTS(), asr, 0.3,
     ...                               stats=stats))  # doctest: +SKIP
@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from kimia_model.tts import TTSBackend, TTSError
 from stages.roundtrip import AsrLike, normalize_text, score
 from stages.rows import recording_id
-from stages.tts import TTSBackend, TTSError
 
 
 @dataclass
@@ -77,7 +77,7 @@ def synthesize_corpus(texts_jsonl: Path, voices: list[str], backend: TTSBackend,
     Args:
         texts_jsonl: one JSON object per line with at least ``text``.
         voices: backend voice names (espeak-ng: en-us, en+f3, en+m7, en-gb+f2, ...).
-        backend: a TTS backend (``stages.tts``).
+        backend: a TTS backend (``kimia_model.tts``).
         asr: anything with ``transcribe(audios, sample_rate) -> [{"text": ...}]``.
         threshold: the largest WER a kept sample may have.
         per_text: ``cycle`` = one voice per text in turn; ``each`` = every voice for every text.

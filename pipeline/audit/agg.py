@@ -12,6 +12,7 @@ import heapq
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -201,3 +202,38 @@ class TopK:
 
     def sorted(self) -> dict[str, list[Example]]:
         return {m: sorted(h, reverse=True) for m, h in self.heaps.items()}
+
+
+# -- one run's scan ----------------------------------------------------------------------------
+
+SETS = ("kept", "dropped")
+MAX_FINDINGS = 500
+
+
+@dataclass
+class RunScan:
+    """Everything the audit learned about one output folder (kept in the driver).
+
+    Defined beside the aggregates it holds, not in :mod:`pipeline.audit.core`, so that
+    ``compare`` and ``report`` can name it without importing the module that calls them.
+    """
+
+    out: Path
+    manifest: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+    aggs: dict[str, SetAggregate] = field(default_factory=lambda: {s: SetAggregate() for s in SETS})
+    topk: TopK = field(default_factory=lambda: TopK(3))
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    finding_counts: Counter = field(default_factory=Counter)
+    checked: Counter = field(default_factory=Counter)
+    shards: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SETS, 0))
+    bytes: int = 0
+    quarantine: dict[str, Any] = field(default_factory=dict)
+    backend: str = "local"
+    pids: set[int] = field(default_factory=set)
+
+    def find(self, check: str, detail: str, *, set_name: str | None = None, shard: str | None = None,
+             key: str | None = None) -> None:
+        self.finding_counts[check] += 1
+        if len(self.findings) < MAX_FINDINGS:
+            self.findings.append({"check": check, "set": set_name, "shard": shard, "key": key, "detail": detail})

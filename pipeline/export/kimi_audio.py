@@ -47,7 +47,7 @@ TASKS = {"asr": "understanding"}
 
 
 def _expected_tokens(path: Path) -> int:
-    from kimia_model.whisper_vq import SAMPLE_RATE, token_count
+    from kimia_model.whisper_vq.timing import SAMPLE_RATE, token_count
 
     info = sf.info(str(path))
     return token_count(int(round(info.frames * SAMPLE_RATE / info.samplerate)))

@@ -15,43 +15,13 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.audit.agg import Example, SetAggregate, TopK
-from stages.audit.scan import CHECKS, ScanOptions, ShardResult, h64, scan_shard
-
-SETS = ("kept", "dropped")
-MAX_FINDINGS = 500
-
-
-@dataclass
-class RunScan:
-    """Everything the audit learned about one output folder (kept in the driver)."""
-
-    out: Path
-    manifest: dict[str, Any] | None = None
-    config: dict[str, Any] | None = None
-    aggs: dict[str, SetAggregate] = field(default_factory=lambda: {s: SetAggregate() for s in SETS})
-    topk: TopK = field(default_factory=lambda: TopK(3))
-    findings: list[dict[str, Any]] = field(default_factory=list)
-    finding_counts: Counter = field(default_factory=Counter)
-    checked: Counter = field(default_factory=Counter)
-    shards: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SETS, 0))
-    bytes: int = 0
-    quarantine: dict[str, Any] = field(default_factory=dict)
-    backend: str = "local"
-    pids: set[int] = field(default_factory=set)
-
-    def find(self, check: str, detail: str, *, set_name: str | None = None, shard: str | None = None,
-             key: str | None = None) -> None:
-        self.finding_counts[check] += 1
-        if len(self.findings) < MAX_FINDINGS:
-            self.findings.append({"check": check, "set": set_name, "shard": shard, "key": key, "detail": detail})
-
+from pipeline.audit.agg import MAX_FINDINGS, SETS, Example, RunScan, TopK
+from pipeline.audit.scan import CHECKS, ScanOptions, ShardResult, h64, scan_shard
 
 # -- small readers ---------------------------------------------------------------------------
 
@@ -448,8 +418,8 @@ def audit(out: Path, against: Path | None = None, *, workers: int | None = None,
     Returns:
         The audit.json document. ``doc["integrity"]["ok"]`` is False when any check failed.
     """
-    from stages.audit.compare import compare_runs
-    from stages.audit.report import render_html
+    from pipeline.audit.compare import compare_runs
+    from pipeline.audit.report import render_html
 
     out = Path(out)
     run = scan_run(out, workers=workers, worst_k=worst_k)

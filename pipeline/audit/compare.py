@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.audit.scan import h64
+from pipeline.audit.scan import h64
 
 if TYPE_CHECKING:
-    from stages.audit.core import RunScan
+    from pipeline.audit.agg import RunScan
 
 #: Which config keys and stages can move a drop reason (prefix match on flattened keys).
 REASON_CAUSES: dict[str, tuple[str, ...]] = {

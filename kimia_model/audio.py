@@ -1,4 +1,4 @@
-"""Audio helpers shared by every stage: resampling, downmixing, loudness, FLAC bytes.
+"""Audio helpers shared by the model code and every stage: resampling, downmixing, loudness, FLAC bytes.
 
 One resampler for the whole project (soxr, "VHQ": a linear-phase anti-aliasing filter with
 stop-band attenuation far below what 16-bit audio can show), so that a tone above the new

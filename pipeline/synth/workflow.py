@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kimia_model.audio import resample
 from pipeline.config import RunConfig
-from stages.audio import resample
 from stages.base import StageContext
 from stages.write import OutLayout, ShardWriter, summarize
 
@@ -27,7 +27,7 @@ def run_synth(
     """Speak ``texts`` with ``voices`` (roundtrip.tts_backend), keep what the ASR hears back."""
     from tqdm import tqdm
 
-    from kimia_model.synth import SynthStats, synthesize_corpus
+    from pipeline.synth.corpus import SynthStats, synthesize_corpus
     from stages.roundtrip import RoundtripStage
     from stages.transcribe import build_asr
 

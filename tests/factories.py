@@ -1,0 +1,210 @@
+"""Factories of tiny random models and files in the upstream layouts, for tests and benchmarks.
+
+They live under ``tests/`` because nothing the product runs needs them: the real weights and
+tokenizer files come with the models. Tests import them as ``from factories import ...``
+(pytest puts this folder on ``sys.path``); benchmarks add this folder to ``sys.path`` first.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kimia_model.bigvgan import BigVGAN, BigVGANConfig
+from kimia_model.detokenizer import DiTConfig, DiTPrefix, Detokenizer, FlowConfig, StreamingConfig
+from kimia_model.kimia_lm import KimiaLM, config_from_dict
+from kimia_model.kimia_prompt import special_token_layout
+
+
+# -- Kimi-Audio LM: config and random checkpoint ----------------------------------------------
+
+
+def tiny_config_dict(**overrides: Any) -> dict[str, Any]:
+    """A small ``config.json`` dict in the upstream key layout (for tests and benchmarks).
+
+    Text ids follow the upstream tokenizer layout (``num_base_tokens`` BPE ids, then 421
+    special/reserved ids, then audio codes at ``kimia_token_offset``), so a tiny tokenizer
+    built by :func:`write_tiktoken_files` with the same number of
+    base tokens fits.
+    """
+    num_base = overrides.pop("num_base_tokens", 512)
+    offset = num_base + 421
+    codes = overrides.pop("num_audio_codes", 64)
+    cfg: dict[str, Any] = {
+        "architectures": ["MoonshotKimiaForCausalLM"],
+        "model_type": "kimia",
+        "auto_map": {"AutoModelForCausalLM": "modeling_moonshot_kimia.MoonshotKimiaForCausalLM"},
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "vocab_size": offset + codes,
+        "num_base_tokens": num_base,
+        "kimia_token_offset": offset,
+        "kimia_text_output_vocab": offset,
+        "kimia_audio_output_vocab": codes,
+        "kimia_mimo_layers": 2,
+        "kimia_mimo_transformer_from_layer_index": 1,
+        "kimia_mimo_audiodelaytokens": 6,
+        "use_whisper_feature": True,
+        "kimia_adaptor_input_dim": 16,
+        # Slots of <|im_media_begin|> / <|im_media_end|> in the special-token block
+        # (151661 / 151663 = 151643 + 18 / + 20 in the real release).
+        "kimia_media_begin": num_base + 18,
+        "kimia_media_end": num_base + 20,
+        "torch_dtype": "bfloat16",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def write_random_checkpoint(
+    out_dir: str | Path,
+    config: dict[str, Any],
+    *,
+    seed: int = 0,
+    shards: int = 2,
+    std: float = 0.2,
+) -> Path:
+    """Save a random model in the upstream layout: config.json + safetensors shards + index.
+
+    Weights are drawn with a larger spread than a trained model's init so that random
+    logits are peaked enough for greedy decoding to be stable under float rounding.
+    The files are saved in bfloat16, as the real release is.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config_from_dict(config)
+    gen = torch.Generator().manual_seed(seed)
+    model = KimiaLM(cfg)
+    state: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight") or name.endswith("layers.4.weight"):
+            t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+        elif name.endswith("bias"):
+            t = 0.05 * torch.randn(p.shape, generator=gen)
+        else:
+            t = std * torch.randn(p.shape, generator=gen)
+        state[name] = t.to(torch.bfloat16).contiguous()
+    names = list(state)
+    per = math.ceil(len(names) / max(1, shards))
+    weight_map: dict[str, str] = {}
+    total = max(1, math.ceil(len(names) / per))
+    for s in range(total):
+        chunk = names[s * per : (s + 1) * per]
+        fname = f"model-{s + 1:05d}-of-{total:05d}.safetensors"
+        save_file({n: state[n] for n in chunk}, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in chunk})
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=1)
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return out
+
+
+# -- Kimi-Audio text tokenizer ------------------------------------------------------------------
+
+
+def write_tiktoken_files(out_dir: str | Path, words: Sequence[str] = (), *, num_base_tokens: int | None = None) -> Path:
+    """Write a small ``tiktoken.model`` (+ ``tokenizer_config.json``) in the release's format.
+
+    The BPE has all 256 bytes, then merges that build each word (and its space-prefixed
+    form) left to right, then filler merges up to ``num_base_tokens``. For tests and
+    benchmarks; the real file comes with the model.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
+
+    def add(tok: bytes) -> None:
+        if tok not in ranks:
+            ranks[tok] = len(ranks)
+
+    for w in words:
+        for form in (w.encode(), b" " + w.encode()):
+            for end in range(2, len(form) + 1):
+                add(form[:end])
+    if num_base_tokens is not None:
+        if len(ranks) > num_base_tokens:
+            raise ValueError(f"{len(ranks)} BPE tokens do not fit num_base_tokens={num_base_tokens}")
+        i = 0
+        while len(ranks) < num_base_tokens:
+            add(b"\x00\x01" + i.to_bytes(4, "big"))  # unreachable merges: pure id padding
+            i += 1
+    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    (out / "tiktoken.model").write_text("\n".join(lines) + "\n")
+    base = len(ranks)
+    added = {
+        str(base + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                        "special": True}
+        for i, t in enumerate(special_token_layout())
+    }  # fmt: skip
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "TikTokenTokenizer", "added_tokens_decoder": added}, indent=1)
+    )
+    return out / "tiktoken.model"
+
+
+# -- detokenizer and vocoder -------------------------------------------------------------------
+
+
+def tiny_bigvgan_config() -> BigVGANConfig:
+    """A few-thousand-parameter BigVGAN with the real hop (480) for tests and benchmarks."""
+    return BigVGANConfig(
+        upsample_rates=(5, 4, 4, 3, 2),
+        upsample_kernel_sizes=(9, 8, 8, 5, 4),
+        upsample_initial_channel=64,
+        resblock_kernel_sizes=(3,),
+        resblock_dilation_sizes=((1, 3),),
+    )
+
+
+def tiny_flow_config(vocab: int = 64, **dit_overrides: Any) -> FlowConfig:
+    """Upstream-shaped config with a tiny DiT (hidden 64, depth 2, 4 heads, RoPE)."""
+    dit = DiTConfig(semantic_vocab_size=vocab, hidden_size=64, depth=2, num_heads=4, mlp_ratio=2.0,
+                    use_rope=True, position_embedding_type="skip", max_seq_len=4096)
+    if dit_overrides:
+        dit = replace(dit, **dit_overrides)
+    return FlowConfig(dit=dit, normalize_mel=True, mel_mean=-5.0, mel_std=2.0)
+
+
+def randomize_(model: nn.Module, seed: int, scale: float = 0.3) -> nn.Module:
+    """Give every parameter non-trivial random values.
+
+    Upstream initialises adaLN and output layers to zero (adaLN-Zero), which makes an
+    untrained network output exactly 0 and would hide bugs; random tests need all paths live.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=g) * (scale / math.sqrt(fan_in) if p.ndim > 1 else 0.05))
+    return model
+
+
+def random_tiny_detokenizer(seed: int = 0, vocab: int = 64, streaming: StreamingConfig | None = None,
+                            **dit_overrides: Any) -> Detokenizer:
+    """A small random detokenizer (hidden 64, 2 layers, tiny BigVGAN) for tests and benchmarks."""
+    cfg = tiny_flow_config(vocab, **dit_overrides)
+    torch.manual_seed(seed)
+    flow = DiTPrefix(cfg.dit)
+    randomize_(flow, seed, scale=1.0)
+    voc = randomize_(BigVGAN(tiny_bigvgan_config()), seed + 1, scale=0.5)
+    return Detokenizer(flow, cfg, voc, streaming)
