@@ -60,8 +60,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("pipeline.run", "PreflightError"),
         ("pipeline.guard", "OutputLockedError"),
         ("pipeline.guard", "ConfigChangedError"),
-        ("pipeline.outlock", "OutputLockedError"),
-        ("pipeline.outlock", "ConfigChangedError"),
         ("kimia_model.refs", "ModelNotFoundError"),
         ("stages.diarize.evaluate", "EvalInputError"),
     ]

@@ -263,6 +263,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _apply_override(raw, item)
     for dotted in _secrets_in(raw):
         raise ConfigError(f"{name}{' with --set' if overrides else ''}: {_secret_message(dotted)}")
+    raw = without_secrets(raw)  # an empty one (``hf_token: null`` in an older OUT/config.yaml) says nothing
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

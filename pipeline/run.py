@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.inputs import discover
-from pipeline.outlock import OutputLock, check_fingerprint, output_fingerprint
+from pipeline.guard import OutputLock, check_config_compatible, output_fingerprint, save_fingerprint, saved_fingerprint
 from pipeline.ray_local import init_ray
 from stages.base import KIND_TRANSIENT, RetryPolicy, Stage, StageContext
 from stages.decode import DecodeStage
@@ -129,7 +129,7 @@ def run(
     Args:
         retry_quarantined: process again the inputs whose committed outcome is a quarantine.
         allow_config_change: resume into an OUT started with a config that changes outputs
-            (the fingerprint of ``pipeline.outlock.output_fingerprint``).
+            (the fingerprint of ``pipeline.guard.output_fingerprint``).
         verbose: let the embedded Ray's workers log to the terminal, at INFO.
 
     The summary's ``failed`` lists every input of this run that ended for a reason other
@@ -144,7 +144,10 @@ def run(
     sources = discover(input_spec)
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):  # one run per OUT: a second one fails here, before touching anything
-        check_fingerprint(out, output_fingerprint(cfg.model_dump(mode="json")), allow_change=allow_config_change)
+        fingerprint = output_fingerprint(cfg.model_dump(mode="json"))
+        check_config_compatible(out, fingerprint, allow_config_change)
+        if saved_fingerprint(out) != fingerprint:
+            save_fingerprint(out, fingerprint)
         return _run_locked(cfg, sources, stages, out, address, t_start, progress, retry_quarantined, verbose)
 
 

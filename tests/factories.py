@@ -208,3 +208,30 @@ def random_tiny_detokenizer(seed: int = 0, vocab: int = 64, streaming: Streaming
     randomize_(flow, seed, scale=1.0)
     voc = randomize_(BigVGAN(tiny_bigvgan_config()), seed + 1, scale=0.5)
     return Detokenizer(flow, cfg, voc, streaming)
+
+
+def recording_from_segments(segments: list[dict]) -> dict:
+    """A recording row that holds each segment's ``audio`` at its offsets, and the segments by offset.
+
+    Tests that think in segments (each with its own audio) build what the pipeline carries:
+    one recording, its audio once, segments as offsets. The recording's own fields are taken
+    from the first segment; the rest stay with each segment.
+    """
+    import numpy as np
+
+    first = segments[0]
+    sr = int(first["sample_rate"])
+    duration = float(first.get("recording_duration_s") or max(float(s["end_s"]) for s in segments))
+    audio = np.zeros(int(round(duration * sr)), dtype=np.float32)
+    shared = {k: first[k] for k in ("recording_id", "source", "sample_rate", "source_meta", "loudness_lufs")
+              if k in first}
+    out_segments = []
+    for s in segments:
+        a = int(round(float(s["start_s"]) * sr))
+        clip = np.asarray(s["audio"], dtype=np.float32)
+        audio[a:a + clip.shape[0]] = clip[: audio.shape[0] - a]
+        seg = {k: v for k, v in s.items() if k not in shared and k not in (
+            "audio", "audio_enhanced", "duration_s", "segment_count", "recording_duration_s")}
+        seg["end_s"] = float(s["start_s"]) + clip.shape[0] / sr
+        out_segments.append(seg)
+    return {**shared, "status": "ok", "duration_s": duration, "audio": audio, "segments": out_segments}

@@ -207,15 +207,19 @@ def test_clean_output_passes_and_reports(tmp_path, rows) -> None:
 
 
 def test_output_from_the_project_writer_audits_clean(tmp_path, rows) -> None:
-    from stages.write import EncodeStage, ShardSink, WriteConfig, summarize
+    from factories import recording_from_segments
 
-    cfg = WriteConfig()
+    from stages.write import OutLayout, ShardWriter, WriteConfig, summarize
+
     out = tmp_path / "written"
-    encoded = EncodeStage(cfg)([dict(r) for r in rows["kept"] + rows["dropped"]])
-    with ShardSink(out, cfg, keep_dropped=True) as sink:
-        for rec in sorted({r["recording_id"] for r in encoded}):
-            sink.add_recording([r for r in encoded if r["recording_id"] == rec])
-    sink.write_manifest(summarize(sink.latest()))
+    layout = OutLayout(out)
+    segments = rows["kept"] + rows["dropped"]
+    with ShardWriter(layout, WriteConfig(), keep_dropped=True) as writer:
+        for rec in sorted({r["recording_id"] for r in segments}):
+            writer.add(recording_from_segments(sorted(
+                (dict(r) for r in segments if r["recording_id"] == rec), key=lambda r: r["segment_index"])))
+    layout.write_quarantine(layout.quarantine_records())
+    layout.write_manifest(summarize(layout.latest_outcomes()))
     (out / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     doc = audit(out)
     assert doc["integrity"]["ok"], doc["integrity"]["findings"]

@@ -178,18 +178,11 @@ def test_run_passes_its_flags_and_exits_3_on_failed_inputs(monkeypatch, work, ca
     assert not any(seen[-1].get(k) for k in FLAGS)
 
 
-def test_run_without_flags_drives_a_run_that_does_not_know_them(monkeypatch, work) -> None:
-    from pipeline.cli import main
-
-    _fake_run(monkeypatch, {}, ())  # an older run(): no such parameters
-    assert main(["run", "-c", CONFIG, "-i", str(work["audio"]), "-o", str(work["out"]), "-q"]) == 0
-
-
 def test_errors_from_deep_inside_a_command_are_one_line_too(monkeypatch, work, capsys) -> None:
     """A one-line error type raised by run() itself (here: another run holds OUT) exits 2."""
     import pipeline.run
     from pipeline.cli import main
-    from pipeline.outlock import OutputLockedError
+    from pipeline.guard import OutputLockedError
 
     def locked(*_a: Any, **_k: Any) -> dict:
         raise OutputLockedError(f"{work['out']} is in use by pid 1\non host h: wait for it or pass another --output")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
+
 
 from pipeline.cli import main
 from pipeline.inspect_output import inspect_output
+from stages.write import OutLayout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,14 +30,15 @@ def test_synth_writes_verified_shards_and_resumes(tmp_path: Path, capsys) -> Non
     assert main(args) == 0
     assert "5 lines, 3 utterances spoken" in capsys.readouterr().out
     assert inspect_output(out)["ok"]
-    rows = pq.read_table(out / "index" / "shard-000000.parquet").to_pylist()
+    layout = OutLayout(out)
+    rows = [r for shard in layout.committed_shards() for r in layout.read_index(shard).to_pylist()]
     # Whether both English lines pass the 0.3 WER gate depends on how this CPU's Whisper hears
     # espeak-ng; what holds on any CPU: only the English lines can be kept, at least one is,
     # what is kept round-tripped, and every line is counted exactly once.
     kept = sorted(json.loads(r["source_meta"])["id"] for r in rows)
     assert kept and set(kept) <= {"a", "d"} and len(kept) == len(set(kept))
     assert all(r["rt_pass"] and r["rt_wer"] <= 0.3 for r in rows)
-    summary = json.loads((out / "manifest.json").read_text())["summary"]["synth"]
+    summary = layout.read_manifest()["summary"]["synth"]
     assert summary["kept"] == len(kept) and summary["lines"] == 5 and summary["attempted"] == 3
     dropped = summary["dropped"]
     assert dropped["roundtrip_no_words"] == 1 and dropped["bad_json"] == 1  # the note and "not json"
