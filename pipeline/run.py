@@ -225,7 +225,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['recordings']} in the output",
         f"hours in: {r['hours_in']:.4f}  hours kept: {r['hours_kept']:.4f}  "
         f"segments kept: {r['segments_kept']}  dropped: {r['segments_dropped']}",
-        f"wall: {r['wall_seconds']:.1f} s  end-to-end RTF: {r['end_to_end_rtf']}",
+        f"wall: {r['wall_seconds']:.1f} s  end-to-end RTF: {r['end_to_end_rtf']}"
+        + (f"  first commit after {r['first_commit_seconds']:.1f} s" if r.get("first_commit_seconds") else ""),
     ]
     if r["stage_seconds"]:
         lines.append("per stage (compute s, RTF): " + ", ".join(

@@ -26,6 +26,7 @@ from pipeline.audit.core import map_shards
 from stages.filter import FilterConfig, FilterStage
 from stages.quality import QualityConfig, QualityStage
 from stages.rows import sample_key
+from stages.write.layout import OutLayout
 
 SR = 16000
 CONFIG = {
@@ -121,7 +122,7 @@ def _write_shard(root: Path, number: int, rows: list[dict[str, Any]]) -> dict[st
 
 def build_output(out: Path, kept: list[list[dict]], dropped: list[list[dict]] | None = None,
                  config: dict | None = None) -> Path:
-    """An output folder as the writer lays it out: shards, index, manifest, config, quarantine."""
+    """An output folder as the writer lays it out: shards, index, ledger, manifest, config, quarantine."""
     out.mkdir(parents=True, exist_ok=True)
     shards = [_write_shard(out, i, rows) for i, rows in enumerate(kept)]
     dropped_shards = [_write_shard(out / "dropped", i, rows) for i, rows in enumerate(dropped or [])]
@@ -138,6 +139,7 @@ def build_output(out: Path, kept: list[list[dict]], dropped: list[list[dict]] | 
         "drop_reasons": reasons,
     }
     manifest = {"shards": shards, "dropped_shards": dropped_shards, "summary": summary}
+    OutLayout(out).commit("test", 0, shards + dropped_shards, [])  # the ledger names the dataset's shards
     (out / "manifest.json").write_text(json.dumps(manifest))
     (out / "config.yaml").write_text(yaml.safe_dump(config or CONFIG))
     pq.write_table(pa.Table.from_pylist(
@@ -322,7 +324,7 @@ def test_missing_manifest_and_stray_files(tmp_path, rows) -> None:
     (out / "index" / "shard-000042.parquet").write_bytes(b"not parquet")
     doc = audit(out)
     details = [f["detail"] for f in _findings(doc, "manifest")]
-    assert any("not listed" in d for d in details)
+    assert any("not committed" in d for d in details)
     assert any("has no shard" in f["detail"] for f in _findings(doc, "index_match"))
     (out / "manifest.json").unlink()
     assert "manifest.json is missing" in _findings(audit(out), "manifest")[0]["detail"]

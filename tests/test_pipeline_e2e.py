@@ -70,6 +70,19 @@ def test_output_layout_and_inspect(finished_run: Path) -> None:
     assert all(set(json.loads(r["provenance"])) >= {"decode", "enhance", "diarize", "transcribe"} for r in rows)
 
 
+def test_commits_stream_in_write_batches(finished_run: Path) -> None:
+    """Recordings are committed by the workers as write batches finish, not once at the end."""
+    from stages.write import OutLayout, WriteConfig
+
+    ledger = OutLayout(finished_run).ledger()
+    per_commit = WriteConfig().batch_size
+    sources = [r["source"] for entry in ledger for r in entry["recordings"]]
+    assert len(sources) == len(set(sources)) == 9  # 5 good files and 4 broken ones, each committed once
+    assert len(ledger) >= -(-9 // per_commit) and all(len(e["recordings"]) <= per_commit for e in ledger)
+    # every shard is named after its writer, and each writer's shards are in one commit
+    assert all(s["name"].startswith("shard-") and s["name"].count("-") == 2 for e in ledger for s in e["shards"])
+
+
 def test_transcripts_match_references(finished_run: Path, english_clips) -> None:
     rows = _index_rows(finished_run)
     for path, ref in english_clips:

@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     against = None
     if args.against is not None:
         against = existing_dir(args.against, "--against BASE", "pass the output folder of the run to compare with")
-    if not any((out / name).exists() for name in ("manifest.json", "index", "_state")):
+    from stages.write.layout import OutLayout
+
+    if not OutLayout(out).is_output():
         # Likely an input folder passed by mistake: the report must not be written into it.
         raise UsageError(f"{args.out} is not the output of a run (no manifest.json, index/ or _state/): "
                          "pass the --output folder of kimia-curate run")
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     for check, c in doc["integrity"]["checks"].items():
         if c["status"] == "fail":
             print(f"FAIL {check}: {c['failures']} finding(s)")
-    print(f"report: {out / 'audit' / 'report.html'}")
+    print(f"report: {OutLayout(out).audit_dir / 'report.html'}")
     return 0 if doc["integrity"]["ok"] else 1
 
 

@@ -83,39 +83,45 @@ class _Verdicts:
     """Per-sample verdicts of one run as parallel numpy arrays (16 bytes per sample)."""
 
     def __init__(self, out: Path, vocab: dict[str, int]) -> None:
-        import pyarrow.parquet as pq
+        from stages.write.layout import KEPT, OutLayout
 
         keys: list[np.ndarray] = []
         kept: list[np.ndarray] = []
         masks: list[np.ndarray] = []
         self.out = out
-        self.files: list[Path] = []
-        for base, default_keep in ((out, True), (out / "dropped", False)):
-            for path in sorted((base / "index").glob("*.parquet")) if (base / "index").exists() else []:
-                try:
-                    table = pq.read_table(path)
-                except Exception:  # noqa: BLE001 - reported by the integrity checks
-                    continue
-                self.files.append(path)
-                cols = table.column_names
-                k = table.column("key").to_pylist() if "key" in cols else []
-                v = table.column("verdict").to_pylist() if "verdict" in cols else [None] * len(k)
-                r = table.column("drop_reasons").to_pylist() if "drop_reasons" in cols else [None] * len(k)
-                keys.append(np.asarray([h64(str(x)) for x in k], np.uint64))
-                kept.append(np.asarray([(x == "keep") if x else default_keep for x in v], bool))
-                masks.append(np.asarray([_mask(rs, vocab) for rs in r], np.uint64))
+        self.layout_shards: list[dict[str, Any]] = []
+        layout = OutLayout(out)
+        try:
+            committed = layout.committed_shards()
+        except (OSError, ValueError, KeyError):  # reported by the integrity checks
+            committed = []
+        for shard in committed:
+            default_keep = shard.get("root", KEPT) == KEPT
+            try:
+                table = layout.read_index(shard)
+            except Exception:  # noqa: BLE001 - reported by the integrity checks
+                continue
+            self.layout_shards.append(shard)
+            cols = table.column_names
+            k = table.column("key").to_pylist() if "key" in cols else []
+            v = table.column("verdict").to_pylist() if "verdict" in cols else [None] * len(k)
+            r = table.column("drop_reasons").to_pylist() if "drop_reasons" in cols else [None] * len(k)
+            keys.append(np.asarray([h64(str(x)) for x in k], np.uint64))
+            kept.append(np.asarray([(x == "keep") if x else default_keep for x in v], bool))
+            masks.append(np.asarray([_mask(rs, vocab) for rs in r], np.uint64))
         self.keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
         self.kept = np.concatenate(kept) if kept else np.zeros(0, bool)
         self.masks = np.concatenate(masks) if masks else np.zeros(0, np.uint64)
 
     def names(self, wanted: set[int]) -> dict[int, str]:
-        import pyarrow.parquet as pq
+        from stages.write.layout import OutLayout
 
+        layout = OutLayout(self.out)
         found: dict[int, str] = {}
-        for path in self.files:
+        for shard in self.layout_shards:
             if len(found) == len(wanted):
                 break
-            for k in pq.read_table(path, columns=["key"]).column("key").to_pylist():
+            for k in layout.read_index(shard, ["key"]).column("key").to_pylist():
                 if (h := h64(str(k))) in wanted:
                     found[h] = str(k)
         return found

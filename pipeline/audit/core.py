@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.audit.agg import MAX_FINDINGS, SETS, Example, RunScan, TopK
 from pipeline.audit.scan import CHECKS, ScanOptions, ShardResult, h64, scan_shard
+from stages.write.layout import DROPPED, KEPT, OutLayout
 
 # -- small readers ---------------------------------------------------------------------------
 
@@ -36,19 +37,6 @@ def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return (data, None) if isinstance(data, dict) else (None, f"{path.name} is not a JSON object")
 
 
-def _read_config(out: Path) -> dict[str, Any] | None:
-    path = out / "config.yaml"
-    if not path.exists():
-        return None
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _stage_enabled(config: dict[str, Any] | None, stage: str) -> bool:
     """A stage counts as run when its section exists and is not ``enabled: false``."""
     if not config or not isinstance(config.get(stage), dict):
@@ -56,14 +44,11 @@ def _stage_enabled(config: dict[str, Any] | None, stage: str) -> bool:
     return config[stage].get("enabled", True) is not False
 
 
-def _quarantine_summary(out: Path) -> dict[str, Any]:
-    path = out / "quarantine.parquet"
-    if not path.exists():
+def _quarantine_summary(layout: OutLayout) -> dict[str, Any]:
+    if not layout.quarantine_path.exists():
         return {"count": 0, "by_stage": {}, "top_errors": []}
-    import pyarrow.parquet as pq
-
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows = layout.read_quarantine().to_pylist()
     except Exception as exc:  # noqa: BLE001
         return {"count": None, "error": f"quarantine.parquet unreadable: {exc}"}
     by_stage = Counter(str(r.get("failed_stage") or r.get("stage")) for r in rows)
@@ -126,58 +111,71 @@ def map_shards(
 # -- the scan of a whole output ----------------------------------------------------------------
 
 
-def _set_dirs(out: Path, set_name: str) -> tuple[Path, Path, Path]:
-    base = out if set_name == "kept" else out / "dropped"
-    return base / "shards", base / "index", out / "manifest.json"
+#: Where each set of samples lives in OUT.
+ROOTS = {"kept": KEPT, "dropped": DROPPED}
 
 
 def scan_run(out: Path, *, workers: int | None = None, worst_k: int = 3) -> RunScan:
-    """Scan every shard of ``out`` (and ``out/dropped``) and run the run-wide checks."""
+    """Scan every committed shard of ``out`` (and ``out/dropped``) and run the run-wide checks.
+
+    The ledger (``OUT/_state``) says which shards are the dataset; ``manifest.json`` must
+    agree with it, and a shard on disk that no commit names is reported, not scanned.
+    """
     out = Path(out)
     run = RunScan(out=out, topk=TopK(worst_k))
     if not out.is_dir():
         raise FileNotFoundError(f"audit: {out} is not a directory")
-    run.config = _read_config(out)
+    layout = OutLayout(out)
+    run.config = layout.read_config()
     options = ScanOptions(
         require_transcript=_stage_enabled(run.config, "transcribe"),
         require_tokens=_stage_enabled(run.config, "tokenize"),
         worst_k=worst_k,
     )
-    run.quarantine = _quarantine_summary(out)
+    run.quarantine = _quarantine_summary(layout)
 
     tasks: list[tuple[Any, ...]] = []
     expected: dict[tuple[str, str], dict[str, Any]] = {}
-    manifest, manifest_err = _read_json(out / "manifest.json")
+    manifest, manifest_err = _read_json(layout.manifest_path)
     run.manifest = manifest
+    try:
+        committed = layout.committed_shards()
+    except (OSError, ValueError, KeyError) as exc:
+        committed = []
+        run.find("manifest", f"the ledger (_state/commit-*.json) does not read: {exc}")
     for set_name in SETS:
-        shard_dir, index_dir, _ = _set_dirs(out, set_name)
+        root = ROOTS[set_name]
+        shard_dir, index_dir = layout.shards_dir(root), layout.index_dir(root)
         if set_name == "dropped" and not shard_dir.exists():
             continue
         run.checked["manifest"] += 1
         on_disk = sorted(p.name for p in shard_dir.glob("*.tar")) if shard_dir.exists() else []
+        listed = {s["name"]: s for s in committed if s.get("root", KEPT) == root}
         if manifest is None:
             run.find("manifest", manifest_err or "manifest.json is missing", set_name=set_name)
         else:
-            # The writer lists kept shards under "shards" and OUT/dropped/ shards under
-            # "dropped_shards" of the one OUT/manifest.json (stages/write.py).
+            # The driver lists kept shards under "shards" and OUT/dropped/ shards under
+            # "dropped_shards", from the ledger, when a run ends.
             entries = manifest.get("shards" if set_name == "kept" else "dropped_shards") or []
-            listed = {}
-            for entry in entries:
-                if isinstance(entry, dict) and entry.get("name"):
-                    listed[Path(str(entry["name"])).name] = entry
-            for name in sorted(set(listed) - set(on_disk)):
-                run.find("manifest", "shard listed in the manifest is missing on disk", set_name=set_name, shard=name)
-            for name in sorted(set(on_disk) - set(listed)):
-                run.find("manifest", "shard on disk is not listed in the manifest", set_name=set_name, shard=name)
-            for name, entry in listed.items():
-                expected[(set_name, name)] = entry
+            in_manifest = {Path(str(e["name"])).name for e in entries if isinstance(e, dict) and e.get("name")}
+            if in_manifest != set(listed):
+                run.find("manifest", f"manifest.json lists {len(in_manifest)} shards, the ledger commits "
+                         f"{len(listed)} (a run was interrupted: run it again to finish)", set_name=set_name)
+        for name in sorted(set(listed) - set(on_disk)):
+            run.find("manifest", "committed shard is missing on disk", set_name=set_name, shard=name)
+        for name in sorted(set(on_disk) - set(listed)):
+            run.find("manifest", "shard on disk is not committed (an interrupted run's)", set_name=set_name, shard=name)
+        for name, entry in listed.items():
+            expected[(set_name, name)] = entry
         if index_dir.exists():
             stems = {Path(n).stem for n in on_disk}
             for p in sorted(index_dir.glob("*.parquet")):
                 if p.stem not in stems:
                     run.find("index_match", "index file has no shard", set_name=set_name, shard=p.name)
         for name in on_disk:
-            tasks.append((str(shard_dir / name), str(index_dir / (Path(name).stem + ".parquet")), set_name, options))
+            if name in listed:
+                ref = listed[name]
+                tasks.append((str(layout.shard_path(ref)), str(layout.index_path(ref)), set_name, options))
 
     # Run-wide hash columns: one small array per shard, concatenated once at the end.
     key_parts: list[tuple[np.ndarray, int]] = []
@@ -205,13 +203,13 @@ def scan_run(out: Path, *, workers: int | None = None, worst_k: int = 3) -> RunS
             run.checked["shard_sha256"] += 1
             run.checked["sample_count"] += 1
             if entry.get("sha256") and entry["sha256"] != res.sha256:
-                run.find("shard_sha256", f"sha256 {res.sha256[:16]}... != manifest {str(entry['sha256'])[:16]}...",
+                run.find("shard_sha256", f"sha256 {res.sha256[:16]}... != committed {str(entry['sha256'])[:16]}...",
                          set_name=res.set_name, shard=res.shard)
             if entry.get("bytes") is not None and int(entry["bytes"]) != res.bytes:
-                run.find("shard_sha256", f"{res.bytes} bytes != manifest {entry['bytes']}",
+                run.find("shard_sha256", f"{res.bytes} bytes != committed {entry['bytes']}",
                          set_name=res.set_name, shard=res.shard)
             if entry.get("samples") is not None and int(entry["samples"]) != res.samples:
-                run.find("sample_count", f"{res.samples} samples read != manifest {entry['samples']}",
+                run.find("sample_count", f"{res.samples} samples read != committed {entry['samples']}",
                          set_name=res.set_name, shard=res.shard)
 
     _run_wide_checks(run, key_parts, rec_parts, fp_parts, shard_names)
@@ -236,14 +234,12 @@ def _dups(parts: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
 def _names_for(run: RunScan, shard_names: list[tuple[str, str]], sids: Iterable[int], column: str,
                wanted: set[int]) -> dict[int, str]:
     """Resolve a few 64-bit hashes back to the strings they hash, from the involved indexes."""
-    import pyarrow.parquet as pq
-
+    layout = OutLayout(run.out)
     found: dict[int, str] = {}
     for sid in sorted(set(int(s) for s in sids)):
         set_name, shard = shard_names[sid]
-        index_path = _set_dirs(run.out, set_name)[1] / (Path(shard).stem + ".parquet")
         try:
-            values = pq.read_table(index_path, columns=[column]).column(column).to_pylist()
+            values = layout.read_index(layout.ref(shard, ROOTS[set_name]), [column]).column(column).to_pylist()
         except Exception:  # noqa: BLE001 - an unreadable index is already a finding
             continue
         for v in values:
@@ -429,7 +425,7 @@ def audit(out: Path, against: Path | None = None, *, workers: int | None = None,
         base = scan_run(Path(against), workers=workers, worst_k=worst_k)
         doc["comparison"] = compare_runs(run, base, doc, build_document(base))
     doc = _jsonable(doc)
-    audit_dir = out / "audit"
+    audit_dir = OutLayout(out).audit_dir
     audit_dir.mkdir(parents=True, exist_ok=True)
     html = render_html(doc, run)
     tmp = audit_dir / f".report.html.tmp{os.getpid()}"

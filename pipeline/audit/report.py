@@ -130,9 +130,11 @@ def _audio_uri(out: Path, set_name: str, shard: str, key: str) -> str | None:
     """A ``data:`` URI with the sample's audio (trimmed to MAX_PLAYER_S), or None if unreadable."""
     import soundfile as sf
 
-    base = out if set_name == "kept" else out / "dropped"
+    from stages.write.layout import DROPPED, KEPT, OutLayout
+
+    layout = OutLayout(out)
     try:
-        with tarfile.open(base / "shards" / shard, "r") as tar:
+        with tarfile.open(layout.shard_path(layout.ref(shard, KEPT if set_name == "kept" else DROPPED)), "r") as tar:
             member = tar.extractfile(f"{key}.audio.flac")
             if member is None:
                 return None

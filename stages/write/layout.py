@@ -9,6 +9,7 @@
     OUT/quarantine.parquet                     inputs that could not be processed (derived)
     OUT/manifest.json                          committed shards and the run summary (derived)
     OUT/config.yaml                            the resolved config of the run
+    OUT/audit/                                 report.html and audit.json (kimia-curate audit)
 
 The **ledger is the single point of truth**. Writers run on the workers and never
 coordinate: each names its shards after a random writer id, writes a shard and its index
@@ -157,8 +158,24 @@ class OutLayout:
     def quarantine_path(self) -> Path:
         return self.root / "quarantine.parquet"
 
+    @property
+    def audit_dir(self) -> Path:
+        """Where ``kimia-curate audit`` writes ``report.html`` and ``audit.json``."""
+        return self.root / "audit"
+
     def base(self, root: str = KEPT) -> Path:
         return self.root / root if root else self.root
+
+    def shards_dir(self, root: str = KEPT) -> Path:
+        return self.base(root) / "shards"
+
+    def index_dir(self, root: str = KEPT) -> Path:
+        return self.base(root) / "index"
+
+    @staticmethod
+    def ref(name: str, root: str = KEPT) -> dict[str, Any]:
+        """A minimal shard reference for a shard known only by its tar name."""
+        return {"name": name, "index": f"{Path(name).stem}.parquet", "root": root}
 
     def shard_path(self, shard: dict[str, Any]) -> Path:
         """The tar of a shard reference (an entry of :meth:`committed_shards`)."""
@@ -166,6 +183,10 @@ class OutLayout:
 
     def index_path(self, shard: dict[str, Any]) -> Path:
         return self.base(shard.get("root", KEPT)) / "index" / shard["index"]
+
+    def is_output(self) -> bool:
+        """Whether this folder looks like the OUT of a run (so a reader may write beside it)."""
+        return any(p.exists() for p in (self.manifest_path, self.state_dir, self.index_dir()))
 
     # -- writing -----------------------------------------------------------------------------
     def write_shard(self, stem: str, tar: bytes, index_rows: list[dict[str, Any]], root: str = KEPT) -> dict[str, Any]:
@@ -329,6 +350,16 @@ class OutLayout:
 
     def read_manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest_path.read_text())
+
+    def read_config(self) -> dict[str, Any] | None:
+        """The run's resolved config (``config.yaml``), or None when absent or unreadable."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(self.config_path.read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def read_quarantine(self) -> Any:
         import pyarrow.parquet as pq
