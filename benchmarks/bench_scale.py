@@ -37,7 +37,8 @@ WORK = ROOT / "benchmarks" / "_work"
 PHRASES = ["one two three", "good morning", "the data is ready", "please wait", "thank you very much",
            "open the door", "it is raining", "see you tomorrow"]
 CHEAP = [
-    "enhance.enabled=false", "diarize.enabled=false", "segment.enabled=true", "transcribe.enabled=false",
+    "enhance.enabled=false", "diarize.enabled=false", "segment.enabled=true", "segment.min_segment_s=0.5",
+    "transcribe.enabled=false",
     "tokenize.enabled=false", "roundtrip.enabled=false", "quality.dnsmos=false", "filter.keep_dropped=false",
 ]
 

@@ -203,12 +203,47 @@ def _run_locked(
     run_summary["first_commit_seconds"] = None if first_commit_s is None else round(first_commit_s, 3)
     audio_s = run_summary["hours_in"] * 3600
     run_summary["end_to_end_rtf"] = round(wall / audio_s, 5) if audio_s else None
+    run_summary["profile"] = stage_profile(run_summary["stage_seconds"], stages, wall, audio_s)
     summary["this_run"] = run_summary
     summary["failed"] = run_summary["failed"]
     summary["config_hash"] = cfg.config_hash()
     summary["profile"] = cfg.profile
     layout.write_manifest(summary)
     return summary
+
+
+def stage_profile(
+    stage_seconds: dict[str, float], stages: list[Stage], wall: float, audio_s: float,
+) -> dict[str, Any]:
+    """Where the time of a run went: each stage's busy time, and what the framework added.
+
+    A stage's *busy* time is the compute its workers spent on this run's recordings. Stages
+    run side by side, each on its pool of ``num_workers`` workers, so no run can be shorter
+    than its busiest stage's busy time divided by its workers: that is the *busiest path*.
+    What the wall time adds to it (start-up, model loads, scheduling, waiting between
+    stages) is reported as ``overhead_s``: the part a user can only win back from the
+    framework, not from faster models.
+
+    >>> class S:  # a stand-in for a Stage: a name and a config with num_workers
+    ...     def __init__(self, name, workers): self.name, self.config = name, type("C", (), {"num_workers": workers})
+    >>> p = stage_profile({"decode": 2.0, "transcribe": 30.0}, [S("decode", 2), S("transcribe", 1)], 40.0, 200.0)
+    >>> p["stages"]["transcribe"], p["busiest"], p["overhead_s"], p["overhead_share"]
+    ({'busy_s': 30.0, 'workers': 1, 'rtf': 0.15, 'share_of_wall': 0.75}, 'transcribe', 10.0, 0.25)
+    """
+    workers = {s.name: int(s.config.num_workers) for s in stages}
+    out: dict[str, Any] = {"stages": {}}
+    for name, busy in stage_seconds.items():
+        out["stages"][name] = {
+            "busy_s": round(busy, 3),
+            "workers": workers.get(name, 1),
+            "rtf": round(busy / audio_s, 5) if audio_s else None,
+            "share_of_wall": round(busy / wall, 4) if wall else None,
+        }
+    path = {name: busy / max(1, workers.get(name, 1)) for name, busy in stage_seconds.items()}
+    busiest = max(path, key=path.__getitem__) if path else None
+    overhead = max(0.0, wall - (path[busiest] if busiest else 0.0))
+    out.update(busiest=busiest, overhead_s=round(overhead, 3), overhead_share=round(overhead / wall, 4) if wall else None)
+    return out
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -228,10 +263,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"wall: {r['wall_seconds']:.1f} s  end-to-end RTF: {r['end_to_end_rtf']}"
         + (f"  first commit after {r['first_commit_seconds']:.1f} s" if r.get("first_commit_seconds") else ""),
     ]
-    if r["stage_seconds"]:
-        lines.append("per stage (compute s, RTF): " + ", ".join(
-            f"{k} {v:.1f}s/{r['stage_rtf'][k]}" for k, v in r["stage_seconds"].items()
+    profile = r.get("profile") or {}
+    if profile.get("stages"):
+        lines.append("per stage (busy s, RTF, share of wall): " + ", ".join(
+            f"{k} {v['busy_s']:.1f}s/{v['rtf']}/{100 * (v['share_of_wall'] or 0):.0f}%"
+            for k, v in profile["stages"].items()
         ))
+        lines.append(f"framework overhead: {profile['overhead_s']:.1f} s ({100 * (profile['overhead_share'] or 0):.0f}% "
+                     f"of wall; wall minus the busiest stage, {profile['busiest']}, over its workers)")
     if r["drop_reasons"]:
         lines.append("dropped by reason: " + ", ".join(f"{k}={v}" for k, v in r["drop_reasons"].items()))
     if r.get("failed"):

@@ -113,6 +113,11 @@ def test_manifest_summary(finished_run: Path) -> None:
     assert 0 < summary["hours_kept"] <= summary["hours_in"]
     assert set(summary["stage_seconds"]) >= {"decode", "diarize", "transcribe", "quality", "filter"}
     assert summary["this_run"]["end_to_end_rtf"] > 0
+    profile = summary["this_run"]["profile"]  # where the time went: every stage, and the framework's share
+    assert set(profile["stages"]) >= {"decode", "diarize", "transcribe", "quality", "filter", "write"}
+    assert all(0 <= s["share_of_wall"] for s in profile["stages"].values())
+    assert profile["busiest"] in profile["stages"] and 0 <= profile["overhead_share"] <= 1
+    assert 0 < summary["this_run"]["first_commit_seconds"] <= summary["this_run"]["wall_seconds"]
 
 
 def test_rerun_is_a_no_op(finished_run: Path, corpus: Path, capsys) -> None:
