@@ -109,6 +109,34 @@ def _sha_prefix(path: Path) -> str:
     return h.hexdigest()[:8]
 
 
+def tokenizer_parts(model_id: str) -> tuple[str, str | None, str | None]:
+    """``(model, codebook name, codebook sha prefix)`` of a tokenize provenance id (features ignored)."""
+    parts = model_id.split("+")
+    name = sha = None
+    for part in parts[1:]:
+        if part.startswith("codebook:"):
+            name, _, sha = part[len("codebook:"):].partition("@")
+    return parts[0], name, sha or None
+
+
+def tokenizer_matches(recorded: str, requested: str) -> bool:
+    """Whether tokens recorded as ``recorded`` are what ``requested`` names.
+
+    The Whisper model must be the same and the codebook the same file: compared by sha256
+    prefix when the request has one (a codebook renamed is still the same codebook; a refitted
+    one under the old name is not), else by name. Continuous-feature models are not compared:
+    the export writes no features (Kimi-Audio computes its own from the audio).
+    """
+    r_model, r_name, r_sha = tokenizer_parts(recorded)
+    q_model, q_name, q_sha = tokenizer_parts(requested)
+    if r_model != q_model or (r_name is None) != (q_name is None):
+        return False
+    if q_sha:
+        n = min(len(q_sha), len(r_sha or ""))
+        return n >= 8 and (r_sha or "")[:n] == q_sha[:n]
+    return r_name == q_name
+
+
 class TokenizeStage(Stage):
     """Whisper+VQ semantic tokens at 12.5 Hz and aligned continuous features (see module doc)."""
 

@@ -24,7 +24,8 @@ import soundfile as sf
 from kimia_model.shipped_codebooks import SHIPPED, cache_path, ensure_codebook, sha256_file
 from kimia_model.whisper_vq import CodebookFile, token_count
 from pipeline.cli import main
-from pipeline.export.kimi_audio import TokenizerMismatchError, export_kimi_audio, tokenizer_matches, validate_line
+from pipeline.export.kimi_audio import TokenizerMismatchError, export_kimi_audio, validate_line
+from stages.tokenize import tokenizer_matches
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = str(ROOT / "configs" / "local.yaml")

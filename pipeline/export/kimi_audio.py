@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from stages.tokenize import tokenizer_matches
+
 #: ``kimia_token_offset``: LLM id of GLM code 0 (the text vocabulary of Kimi-Audio's Qwen2.5 LM ends below it).
 AUDIO_TOKEN_OFFSET = 152064
 #: GLM-4-Voice codebook size; shifted ids must stay below offset + this.
@@ -166,34 +168,6 @@ def tokenizer_counts(run_dir: Path) -> dict[str, int]:
     return counts
 
 
-def _tokenizer_parts(model_id: str) -> tuple[str, str | None, str | None]:
-    """``(model, codebook name, codebook sha prefix)`` of a tokenize provenance id (features ignored)."""
-    parts = model_id.split("+")
-    name = sha = None
-    for part in parts[1:]:
-        if part.startswith("codebook:"):
-            name, _, sha = part[len("codebook:"):].partition("@")
-    return parts[0], name, sha or None
-
-
-def tokenizer_matches(recorded: str, requested: str) -> bool:
-    """Whether tokens recorded as ``recorded`` are what ``requested`` names.
-
-    The Whisper model must be the same and the codebook the same file: compared by sha256
-    prefix when the request has one (a codebook renamed is still the same codebook; a refitted
-    one under the old name is not), else by name. Continuous-feature models are not compared:
-    the export writes no features (Kimi-Audio computes its own from the audio).
-    """
-    r_model, r_name, r_sha = _tokenizer_parts(recorded)
-    q_model, q_name, q_sha = _tokenizer_parts(requested)
-    if r_model != q_model or (r_name is None) != (q_name is None):
-        return False
-    if q_sha:
-        n = min(len(q_sha), len(r_sha or ""))
-        return n >= 8 and (r_sha or "")[:n] == q_sha[:n]
-    return r_name == q_name
-
-
 def check_tokenizer(run_dir: Path, requested: str) -> dict[str, int]:
     """Raise :class:`TokenizerMismatchError` (one line) unless every tokenized sample matches.
 
@@ -234,7 +208,7 @@ def export_kimi_audio(
         relative_paths: write audio paths relative to ``dest`` instead of absolute (then run the
             fine-tuning from ``dest``; it opens paths as given).
         tokenizer: the tokenizer id the training expects (``provenance.tokenize.model`` form,
-            see :func:`tokenizer_matches`); checked against every tokenized sample before
+            see :func:`stages.tokenize.tokenizer_matches`); checked against every tokenized sample before
             anything is written. None skips the check.
 
     Raises:
