@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from kimia_model.codebook import fit_codebook  # noqa: E402
 from kimia_model.shipped_codebooks import DATA_DIR, sha256_file  # noqa: E402
-from kimia_model.whisper_vq import CODEBOOK_FORMAT, CodebookFile  # noqa: E402
+from kimia_model.whisper_vq.codebook_file import CODEBOOK_FORMAT, CodebookFile  # noqa: E402
 
 NAME = "whisper-base-1024"
 MODEL = "pkg:whisper-base"

@@ -22,7 +22,8 @@ import pytest
 import soundfile as sf
 
 from kimia_model.shipped_codebooks import SHIPPED, cache_path, ensure_codebook, sha256_file
-from kimia_model.whisper_vq import CodebookFile, token_count
+from kimia_model.whisper_vq.codebook_file import CodebookFile
+from kimia_model.whisper_vq.timing import token_count
 from pipeline.cli import main
 from pipeline.export.kimi_audio import TokenizerMismatchError, export_kimi_audio, validate_line
 from stages.tokenize import tokenizer_matches

@@ -108,12 +108,17 @@ def validate_line(obj: dict[str, Any], *, check_files: bool = True) -> None:
     json.dumps(obj, ensure_ascii=False)  # must serialise (no numpy scalars)
 
 
+def shard_files(run_dir: Path) -> list[Path]:
+    """The shard files an export reads: one listing for the samples and the tokenizer check."""
+    return sorted((Path(run_dir) / "shards").glob("shard-*.tar"))
+
+
 def iter_shard_samples(run_dir: Path) -> Iterator[tuple[str, str, dict[str, bytes]]]:
     """``(shard name, key, {member: bytes})`` for every sample of ``run_dir/shards/*.tar``, in order.
 
     WebDataset members are ``<key>.<member>``; the key never contains a dot (README, Output).
     """
-    shards = sorted((run_dir / "shards").glob("shard-*.tar"))
+    shards = shard_files(run_dir)
     if not shards:
         raise FileNotFoundError(f"no shards in {run_dir / 'shards'} (is {run_dir} a kimia-curate output?)")
     for shard in shards:
@@ -147,7 +152,7 @@ def tokenizer_counts(run_dir: Path) -> dict[str, int]:
     ``"<unknown>"``.
     """
     counts: dict[str, int] = {}
-    for shard in sorted((Path(run_dir) / "shards").glob("shard-*.tar")):
+    for shard in shard_files(run_dir):
         metas: dict[str, bytes] = {}
         tokenized: set[str] = set()
         with tarfile.open(shard, "r") as tar:
