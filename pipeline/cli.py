@@ -1,7 +1,7 @@
 """Command line: ``kimia-curate`` (also ``python -m pipeline``).
 
 Exit codes: 0 success, 1 a verification found problems (``inspect``, ``audit``, ``models
-verify``), 2 a usage or config error (one line on stderr naming what is wrong and how to fix
+verify``) or ``export`` could write no record, 2 a usage or config error (one line on stderr naming what is wrong and how to fix
 it, nothing written, Ray not started), 3 ``run`` finished but some inputs failed for a reason
 other than bad input (listed under ``failed`` in the summary).
 
@@ -202,11 +202,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not any((run_dir / "shards").glob("*.tar")):
         raise UsageError(f"{args.run} holds no shards (OUT/shards/*.tar): pass the --output folder of a finished run")
     dest = _output_dir(args.dest, "DEST")
-    from pipeline.export.kimi_audio import export_kimi_audio
+    requested = args.tokenizer or _configured_tokenizer(args)
+    from pipeline.export.kimi_audio import TokenizerMismatchError, export_kimi_audio
 
-    result = export_kimi_audio(run_dir, dest, task=args.task)
+    try:
+        result = export_kimi_audio(run_dir, dest, task=args.task, tokenizer=None if requested == "any" else requested)
+    except TokenizerMismatchError as exc:
+        raise UsageError(str(exc)) from exc
     print(json.dumps(result, indent=2, default=str))
+    if not result["written"]:
+        # An empty data.jsonl is no training set: fail loudly so scripts and CI notice.
+        skipped = ", ".join(f"{k} {v}" for k, v in result["skipped"].items()) or "no samples"
+        print(f"{PROG} export: no records written ({skipped})", file=sys.stderr)
+        return 1
     return 0
+
+
+def _configured_tokenizer(args: argparse.Namespace) -> str:
+    """The tokenizer id the ``--config`` profile's tokenize section records in provenance.
+
+    Resolving it may install the shipped codebook into the cache, exactly as a run would.
+    """
+    cfg, _ = _load(args)
+    from stages.base import StageContext
+    from stages.tokenize import TokenizeStage
+
+    context = StageContext(cache_dir=Path(cfg.models.cache_dir).expanduser())
+    return TokenizeStage(cfg.tokenize, context).expected_model_id()
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -304,10 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="export a run for training code")
     exp_sub = exp.add_subparsers(dest="what", required=True, metavar="FORMAT")
-    p = exp_sub.add_parser("kimi-audio", help="JSONL for Kimi-Audio fine-tuning (audio tokens shifted by 152064)")
+    p = exp_sub.add_parser(
+        "kimi-audio", help="JSONL for Kimi-Audio fine-tuning (audio tokens shifted by 152064)",
+        epilog="exit codes: 0 records written; 1 no record could be written; 2 usage error, or the run's tokens "
+               "come from another tokenizer than the one requested (nothing written)",
+    )
     p.add_argument("run", metavar="OUT", help="output directory of a run")
     p.add_argument("dest", metavar="DEST", help="export directory (data.jsonl + audio/)")
     p.add_argument("--task", default="asr", choices=["asr"], help="fine-tuning task")
+    p.add_argument(
+        "--tokenizer", default=None, metavar="ID",
+        help="tokenizer the training expects, as in the samples' provenance (MODEL+codebook:NAME@SHA8); "
+             "default: the --config profile's tokenize section; 'any' skips the check",
+    )
+    _add_config_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth", help="speech from text, kept when the round-trip check passes, written as shards")

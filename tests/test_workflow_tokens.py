@@ -69,7 +69,12 @@ def test_audit_of_a_tokenized_run_is_clean(tokenized_run: Path) -> None:
 
 def test_export_for_kimi_audio_finetuning(tokenized_run: Path, tmp_path: Path) -> None:
     dest = tmp_path / "export"
-    assert main(["export", "kimi-audio", str(tokenized_run), str(dest), "--task", "asr"]) == 0
+    # The run's own resolved config names its tokenizer (tiny16 from the cache), so the
+    # provenance check passes; the default profile's codebook would be refused (exit 2).
+    assert main(["export", "kimi-audio", str(tokenized_run), str(dest), "--task", "asr"]) == 2
+    assert not dest.exists()
+    assert main(["export", "kimi-audio", str(tokenized_run), str(dest), "--task", "asr",
+                 "--config", str(tokenized_run / "config.yaml")]) == 0
     lines = [json.loads(x) for x in (dest / "data.jsonl").read_text().splitlines()]
     assert len(lines) >= 3
     for line in lines:

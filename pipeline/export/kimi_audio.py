@@ -18,7 +18,8 @@ each sample's FLAC is written next to the JSONL.
 
 Every line is validated before it is written (schema, roles, token range, file present, token
 count equal to ``ceil(samples_16k / 1280)`` of the written audio); a sample that fails is left
-out and counted under its reason, never written half-right.
+out and counted under its reason, never written half-right. Before anything is written, the
+tokenizer recorded in every sample's provenance is checked against the one asked for.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
+
+from stages.tokenize import tokenizer_matches
 
 #: ``kimia_token_offset``: LLM id of GLM code 0 (the text vocabulary of Kimi-Audio's Qwen2.5 LM ends below it).
 AUDIO_TOKEN_OFFSET = 152064
@@ -105,12 +108,17 @@ def validate_line(obj: dict[str, Any], *, check_files: bool = True) -> None:
     json.dumps(obj, ensure_ascii=False)  # must serialise (no numpy scalars)
 
 
+def shard_files(run_dir: Path) -> list[Path]:
+    """The shard files an export reads: one listing for the samples and the tokenizer check."""
+    return sorted((Path(run_dir) / "shards").glob("shard-*.tar"))
+
+
 def iter_shard_samples(run_dir: Path) -> Iterator[tuple[str, str, dict[str, bytes]]]:
     """``(shard name, key, {member: bytes})`` for every sample of ``run_dir/shards/*.tar``, in order.
 
     WebDataset members are ``<key>.<member>``; the key never contains a dot (README, Output).
     """
-    shards = sorted((run_dir / "shards").glob("shard-*.tar"))
+    shards = shard_files(run_dir)
     if not shards:
         raise FileNotFoundError(f"no shards in {run_dir / 'shards'} (is {run_dir} a kimia-curate output?)")
     for shard in shards:
@@ -132,6 +140,56 @@ def iter_shard_samples(run_dir: Path) -> Iterator[tuple[str, str, dict[str, byte
             yield shard.name, current, members
 
 
+class TokenizerMismatchError(ValueError):
+    """The run's tokens came from another tokenizer than the one the export was asked for."""
+
+
+def tokenizer_counts(run_dir: Path) -> dict[str, int]:
+    """``{provenance.tokenize.model: samples}`` over the samples that carry ``tokens.npy``.
+
+    Reads only the small ``json`` members (tar skips the audio by seeking), so it costs little
+    next to the export itself. Samples tokenized with no recorded provenance count as
+    ``"<unknown>"``.
+    """
+    counts: dict[str, int] = {}
+    for shard in shard_files(run_dir):
+        metas: dict[str, bytes] = {}
+        tokenized: set[str] = set()
+        with tarfile.open(shard, "r") as tar:
+            for info in tar:
+                key, _, member = os.path.basename(info.name).partition(".")
+                if member == "tokens.npy":
+                    tokenized.add(key)
+                elif member == "json" and info.isfile():
+                    f = tar.extractfile(info)
+                    metas[key] = f.read() if f is not None else b"{}"
+        for key in sorted(tokenized):
+            try:
+                prov = json.loads(metas.get(key) or b"{}").get("provenance") or {}
+            except ValueError:
+                prov = {}
+            model = (prov.get("tokenize") or {}).get("model") or "<unknown>"
+            counts[model] = counts.get(model, 0) + 1
+    return counts
+
+
+def check_tokenizer(run_dir: Path, requested: str) -> dict[str, int]:
+    """Raise :class:`TokenizerMismatchError` (one line) unless every tokenized sample matches.
+
+    Returns:
+        The per-tokenizer sample counts of the run.
+    """
+    counts = tokenizer_counts(run_dir)
+    other = {m: n for m, n in counts.items() if not tokenizer_matches(m, requested)}
+    if other:
+        found = ", ".join(f"{m} ({n} samples)" for m, n in sorted(other.items(), key=lambda kv: -kv[1]))
+        raise TokenizerMismatchError(
+            f"{run_dir}: tokens come from {found}, not the requested tokenizer {requested}; "
+            "export with --tokenizer set to the run's tokenizer (or the --config it ran with), or re-run into a new OUT"
+        )
+    return counts
+
+
 def export_kimi_audio(
     out_dir_of_run: Path,
     dest: Path,
@@ -141,6 +199,7 @@ def export_kimi_audio(
     lowercase: bool = False,
     audio_member: str = "audio.flac",
     relative_paths: bool = False,
+    tokenizer: str | None = None,
 ) -> dict[str, Any]:
     """Write ``dest/data.jsonl`` and ``dest/audio/<key>.flac`` from a run's shards.
 
@@ -153,15 +212,22 @@ def export_kimi_audio(
         audio_member: shard member to export (``audio.flac`` or ``enhanced.flac``).
         relative_paths: write audio paths relative to ``dest`` instead of absolute (then run the
             fine-tuning from ``dest``; it opens paths as given).
+        tokenizer: the tokenizer id the training expects (``provenance.tokenize.model`` form,
+            see :func:`stages.tokenize.tokenizer_matches`); checked against every tokenized sample before
+            anything is written. None skips the check.
+
+    Raises:
+        TokenizerMismatchError: some samples were tokenized by another tokenizer.
 
     Returns:
         ``{"jsonl", "written", "skipped": {reason: n}, "errors" (first 20 messages), "seconds",
-        "tokens", "token_rate_hz"}``.
+        "tokens", "token_rate_hz", "tokenizers": {tokenizer id: samples}}``.
     """
     if task not in TASKS:
         raise ValueError(f"task {task!r} not supported; choose from {sorted(TASKS)}")
     run = Path(out_dir_of_run)
     dest = Path(dest)
+    tokenizers = check_tokenizer(run, tokenizer) if tokenizer is not None else tokenizer_counts(run)
     audio_dir = dest / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
     jsonl = dest / "data.jsonl"
@@ -242,4 +308,5 @@ def export_kimi_audio(
         "seconds": seconds,
         "tokens": n_tokens,
         "token_rate_hz": n_tokens / seconds if seconds > 0 else math.nan,
+        "tokenizers": tokenizers,
     }
