@@ -13,6 +13,7 @@ import soundfile as sf
 
 from kimia_model.whisper_vq.timing import token_count
 from pipeline.export.kimi_audio import AUDIO_TOKEN_OFFSET, export_kimi_audio, validate_line
+from stages.write.layout import OutLayout
 
 
 def _flac(n: int, sr: int) -> bytes:
@@ -34,8 +35,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def build_run(root: Path) -> Path:
-    """OUT/shards/shard-000000.tar with four samples (member names as in the README, Output)."""
-    (root / "shards").mkdir(parents=True)
+    """One committed shard with four samples (member names as in the README, Output)."""
     sr = 24000
     samples = [  # (key, seconds, text, token count delta)
         ("abcd0001_00000", 1.0, "Hello there.", 0),
@@ -43,7 +43,9 @@ def build_run(root: Path) -> Path:
         ("abcd0002_00000", 1.5, "", 0),  # no transcript: not an ASR sample
         ("abcd0003_00000", 1.0, "Wrong count.", 3),  # tokens do not match the audio
     ]
-    with tarfile.open(root / "shards" / "shard-000000.tar", "w") as tar:
+    buf = io.BytesIO()
+    index_rows = []
+    with tarfile.open(fileobj=buf, mode="w") as tar:
         for key, sec, text, delta in samples:
             n = int(sec * sr)
             t = token_count(int(round(n * 16000 / sr))) + delta
@@ -52,7 +54,19 @@ def build_run(root: Path) -> Path:
             _add(tar, f"{key}.audio.flac", _flac(n, sr))
             _add(tar, f"{key}.json", json.dumps(meta).encode())
             _add(tar, f"{key}.tokens.npy", _npy(np.arange(t, dtype=np.int32) % 1024))
+            index_rows.append({"key": key, "members": ["audio.flac", "json", "tokens.npy"]})
+    layout = OutLayout(root)
+    layout.commit("test", 0, [layout.write_shard("shard-test-0000", buf.getvalue(), index_rows)], [])
     return root
+
+
+def test_export_reads_only_committed_shards(tmp_path: Path) -> None:
+    """A shard of a run still in flight (written, not yet in the ledger) is not part of the dataset."""
+    run = build_run(tmp_path / "out")
+    committed = run / "shards" / "shard-test-0000.tar"
+    (run / "shards" / "shard-inflight-0000.tar").write_bytes(committed.read_bytes())
+    report = export_kimi_audio(run, tmp_path / "kimi", "asr")
+    assert report["written"] == 2  # the copy in flight added nothing
 
 
 def test_export_writes_valid_kimi_jsonl(tmp_path: Path) -> None:
@@ -111,5 +125,5 @@ def test_validate_line_rejects_malformed(tmp_path: Path) -> None:
 def test_export_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not supported"):
         export_kimi_audio(tmp_path, tmp_path / "x", "tts")
-    with pytest.raises(FileNotFoundError, match="no shards"):
+    with pytest.raises(FileNotFoundError, match="no committed shards"):
         export_kimi_audio(tmp_path, tmp_path / "x", "asr")

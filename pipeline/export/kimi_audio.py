@@ -28,7 +28,6 @@ import io
 import json
 import math
 import os
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import numpy as np
 import soundfile as sf
 
 from stages.tokenize import tokenizer_matches
+from stages.write.layout import KEPT, OutLayout
 
 #: ``kimia_token_offset``: LLM id of GLM code 0 (the text vocabulary of Kimi-Audio's Qwen2.5 LM ends below it).
 AUDIO_TOKEN_OFFSET = 152064
@@ -108,36 +108,20 @@ def validate_line(obj: dict[str, Any], *, check_files: bool = True) -> None:
     json.dumps(obj, ensure_ascii=False)  # must serialise (no numpy scalars)
 
 
-def shard_files(run_dir: Path) -> list[Path]:
-    """The shard files an export reads: one listing for the samples and the tokenizer check."""
-    return sorted((Path(run_dir) / "shards").glob("shard-*.tar"))
+def committed_shards(run_dir: Path) -> list[dict[str, Any]]:
+    """The kept shards an export reads: those the run's ledger commits, never a shard in flight."""
+    return OutLayout(run_dir).committed_shards(KEPT)
 
 
 def iter_shard_samples(run_dir: Path) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-    """``(shard name, key, {member: bytes})`` for every sample of ``run_dir/shards/*.tar``, in order.
-
-    WebDataset members are ``<key>.<member>``; the key never contains a dot (README, Output).
-    """
-    shards = shard_files(run_dir)
+    """``(shard name, key, {member: bytes})`` for every committed sample of ``run_dir``, in order."""
+    layout = OutLayout(run_dir)
+    shards = committed_shards(run_dir)
     if not shards:
-        raise FileNotFoundError(f"no shards in {run_dir / 'shards'} (is {run_dir} a kimia-curate output?)")
+        raise FileNotFoundError(f"no committed shards in {run_dir} (is it a kimia-curate output?)")
     for shard in shards:
-        current: str | None = None
-        members: dict[str, bytes] = {}
-        with tarfile.open(shard, "r") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                base = os.path.basename(info.name)
-                key, _, member = base.partition(".")
-                if key != current:
-                    if current is not None:
-                        yield shard.name, current, members
-                    current, members = key, {}
-                f = tar.extractfile(info)
-                members[member] = f.read() if f is not None else b""
-        if current is not None:
-            yield shard.name, current, members
+        for key, members in layout.iter_samples(shard):
+            yield shard["name"], key, members
 
 
 class TokenizerMismatchError(ValueError):
@@ -145,28 +129,23 @@ class TokenizerMismatchError(ValueError):
 
 
 def tokenizer_counts(run_dir: Path) -> dict[str, int]:
-    """``{provenance.tokenize.model: samples}`` over the samples that carry ``tokens.npy``.
+    """``{provenance.tokenize.model: samples}`` over the committed samples that carry ``tokens.npy``.
 
-    Reads only the small ``json`` members (tar skips the audio by seeking), so it costs little
-    next to the export itself. Samples tokenized with no recorded provenance count as
+    Read from the shards' Parquet index (members and provenance of every sample), so it costs
+    nothing next to the export itself. Samples tokenized with no recorded provenance count as
     ``"<unknown>"``.
     """
+    layout = OutLayout(run_dir)
     counts: dict[str, int] = {}
-    for shard in shard_files(run_dir):
-        metas: dict[str, bytes] = {}
-        tokenized: set[str] = set()
-        with tarfile.open(shard, "r") as tar:
-            for info in tar:
-                key, _, member = os.path.basename(info.name).partition(".")
-                if member == "tokens.npy":
-                    tokenized.add(key)
-                elif member == "json" and info.isfile():
-                    f = tar.extractfile(info)
-                    metas[key] = f.read() if f is not None else b"{}"
-        for key in sorted(tokenized):
+    for shard in committed_shards(run_dir):
+        columns = [c for c in ("members", "provenance") if c in layout.index_columns(shard)]
+        table = layout.read_index(shard, columns).to_pylist()
+        for row in table:
+            if "tokens.npy" not in (row.get("members") or []):
+                continue
             try:
-                prov = json.loads(metas.get(key) or b"{}").get("provenance") or {}
-            except ValueError:
+                prov = json.loads(row.get("provenance") or "{}") or {}
+            except (TypeError, ValueError):
                 prov = {}
             model = (prov.get("tokenize") or {}).get("model") or "<unknown>"
             counts[model] = counts.get(model, 0) + 1
