@@ -9,7 +9,7 @@ import pytest
 
 MODULES = [
     "pipeline.guard", "pipeline.usage", "stages.base", "stages.rows", "kimia_model.audio", "stages.segment",
-    "stages.textnorm", "stages.vad", "stages.quality", "stages.filter", "stages.write.layout", "stages.write.writer",
+    "stages.textnorm", "stages.zh_punct", "stages.vad", "stages.quality", "stages.filter", "stages.write.layout", "stages.write.writer",
     "pipeline.audit.agg", "pipeline.audit.compare", "kimia_model.whisper_vq.timing",
 ]
 
