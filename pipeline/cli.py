@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voices", default="en-us,en+f3,en+m7,en-gb+f2", help="comma-separated voices, used in turn")
     p.add_argument("--per-text", choices=["cycle", "each"], default="cycle", help="one voice per text, or every voice")
     p.add_argument("--backend", choices=["espeak-ng", "kimia"], default=None, help="TTS (default: roundtrip.tts_backend)")
-    p.add_argument("--max-wer", type=float, default=None, help="keep utterances with WER <= this (default: roundtrip.max_wer)")
+    p.add_argument("--max-wer", type=float, default=None, help="keep utterances with WER (CER for zh, ja, ko) <= this (default: roundtrip.max_wer)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_synth)
 
