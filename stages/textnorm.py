@@ -156,3 +156,35 @@ def is_unspaced(language: str | None = None, text: str = "") -> bool:
 def primary_metric(language: str | None = None, text: str = "") -> Literal["wer", "cer"]:
     """``"cer"`` for languages written without spaces (see :func:`is_unspaced`), else ``"wer"``."""
     return "cer" if is_unspaced(language, text) else "wer"
+
+
+def score_labels(references: dict[str, str], hypotheses: dict[str, str],
+                 languages: dict[str, str] | None = None) -> dict[str, object]:
+    """Corpus WER and CER of labels against references, overall and per language.
+
+    Items are matched by key; a reference without a hypothesis counts as an empty hypothesis
+    (every reference word and character missed) and is listed under ``missing``. Each
+    language's ``primary`` names the measure that decides there (:func:`primary_metric`;
+    without a language, by script).
+
+    >>> r = score_labels({"a": "今天天气很好", "b": "the cat sat"}, {"a": "今天天汽很好", "b": "the cat sat"},
+    ...                  {"b": "en"})
+    >>> r["by_language"]["zh"]["primary"], round(r["by_language"]["zh"]["cer"], 4), r["by_language"]["en"]["wer"]
+    ('cer', 0.1667, 0.0)
+    """
+    languages = languages or {}
+    groups: dict[str, list[str]] = {}
+    for key, ref in references.items():
+        lang = languages.get(key) or ("zh" if is_unspaced(None, ref) else "und")
+        groups.setdefault(lang, []).append(key)
+
+    def rates(keys: list[str]) -> dict[str, object]:
+        refs = [references[k] for k in keys]
+        hyps = [hypotheses.get(k, "") for k in keys]
+        return {"items": len(keys), "wer": corpus_wer(refs, hyps), "cer": corpus_cer(refs, hyps)}
+
+    by_language = {lang: {**rates(keys), "primary": primary_metric(None if lang == "und" else lang,
+                                                                    " ".join(references[k] for k in keys))}
+                   for lang, keys in sorted(groups.items())}
+    return {"total": rates(list(references)), "by_language": by_language,
+            "missing": sorted(k for k in references if k not in hypotheses)}

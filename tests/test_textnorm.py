@@ -65,3 +65,22 @@ def test_corpus_rates_weigh_by_length() -> None:
 def test_unspaced_languages(language: str, unspaced: bool) -> None:
     assert is_unspaced(language) is unspaced
     assert primary_metric(language) == ("cer" if unspaced else "wer")
+
+
+def test_eval_transcripts_command(tmp_path, capsys) -> None:
+    import json
+
+    from pipeline.cli import main
+
+    ref, hyp = tmp_path / "ref.jsonl", tmp_path / "hyp.jsonl"
+    ref.write_text('{"id": "a", "text": "今天天气很好。", "language": "zh"}\n{"id": "b", "text": "The cat sat."}\n',
+                   encoding="utf-8")
+    hyp.write_text('{"id": "a", "text": "今天天汽很好"}\n{"id": "b", "text": "the cat sat"}\n', encoding="utf-8")
+    assert main(["eval", "transcripts", "--reference", str(ref), "--hypothesis", str(hyp)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["by_language"]["zh"]["primary"] == "cer" and out["by_language"]["zh"]["cer"] == pytest.approx(1 / 6)
+    assert out["by_language"]["und"]["primary"] == "wer" and out["by_language"]["und"]["wer"] == 0.0
+    assert out["missing"] == []
+    hyp.write_text("not json\n", encoding="utf-8")
+    assert main(["eval", "transcripts", "--reference", str(ref), "--hypothesis", str(hyp)]) == 2
+    assert "hyp.jsonl:1" in capsys.readouterr().err
