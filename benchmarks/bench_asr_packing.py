@@ -13,8 +13,9 @@ VAD, batch 8) on the whole recordings as the speed to beat (RTF about 0.09 with 
 Every mode uses the same CTranslate2 weights (pkg:whisper-base, int8, beam 5, 2 threads) and
 detects the language itself, except the packed mode with ``language=en`` (what a run with a
 known language would configure). Real-time factor = wall time / seconds of recordings (the turns
-cover most of each recording, minus the pauses). WER is corpus-level: every turn's
-``stages.textnorm.wer`` weighted by its reference word count. The machine is shared, so
+cover most of each recording, minus the pauses). WER and CER are corpus-level
+(``stages.textnorm.corpus_wer``, ``corpus_cer``: total errors over total reference words or
+characters); CER is printed beside WER so a Mandarin corpus reads the same table. The machine is shared, so
 figures move with other load; the modes run back to back to be comparable.
 """
 
@@ -35,17 +36,10 @@ from corpus import make_corpus
 
 from kimia_model.audio import resample
 from stages.base import StageContext
-from stages.textnorm import normalize_text, wer
+from stages.textnorm import corpus_cer, corpus_wer, wer
 from stages.transcribe import TranscribeConfig, build_asr, resolve_asr_model
 
 SR = 16000
-
-
-def corpus_wer(refs: list[str], hyps: list[str]) -> float:
-    """Total word errors over total reference words, from per-item ``stages.textnorm.wer``."""
-    words = np.array([len(normalize_text(r).split()) for r in refs], dtype=np.float64)
-    rates = np.array([wer(r, h) for r, h in zip(refs, hyps)])
-    return float((rates * words).sum() / words.sum())
 
 
 def load(minutes: float, seed: int) -> tuple[list[np.ndarray], list[list[tuple[np.ndarray, str]]]]:
@@ -117,17 +111,18 @@ def main() -> None:
         out, dt = run_segments(pack, segments, args.batch, args.threads, language)
         hyps = [o["text"] for o in out]
         langs = sorted({o["language"] for o in out})
-        rows.append((name, dt, corpus_wer(refs, hyps), f"languages {langs}"))
+        rows.append((name, dt, corpus_wer(refs, hyps), corpus_cer(refs, hyps), f"languages {langs}"))
         bad = [(r, h) for r, h in zip(refs, hyps) if wer(r, h) > 0.2]
         for r, h in bad[:3]:
             print(f"  {name}: WER>0.2  ref={r!r}\n  {' ' * len(name)}           hyp={h!r}")
     texts, dt = run_batched_pipeline(recordings, args.threads)
     rec_refs = [" ".join(t for _, t in rec) for rec in turns]
-    rows.append(("faster-whisper BatchedInferencePipeline (whole recordings)", dt, corpus_wer(rec_refs, texts), ""))
+    rows.append(("faster-whisper BatchedInferencePipeline (whole recordings)", dt, corpus_wer(rec_refs, texts),
+                 corpus_cer(rec_refs, texts), ""))
 
-    print(f"{'mode':60s} {'wall s':>7s} {'RTF':>7s} {'RTF/speech':>10s} {'WER':>7s}")
-    for name, dt, w, note in rows:
-        print(f"{name:60s} {dt:7.2f} {dt / total_s:7.4f} {dt / speech_s:10.4f} {w:7.4f}  {note}")
+    print(f"{'mode':60s} {'wall s':>7s} {'RTF':>7s} {'RTF/speech':>10s} {'WER':>7s} {'CER':>7s}")
+    for name, dt, w, c, note in rows:
+        print(f"{name:60s} {dt:7.2f} {dt / total_s:7.4f} {dt / speech_s:10.4f} {w:7.4f} {c:7.4f}  {note}")
     print(f"speed-up packed vs unpacked: {rows[0][1] / rows[1][1]:.2f}x; "
           f"packed vs BatchedInferencePipeline: {rows[3][1] / rows[1][1]:.2f}x "
           f"(forced language: {rows[3][1] / rows[2][1]:.2f}x)")

@@ -175,6 +175,36 @@ def cmd_eval_diarization(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_labels(path: Path, flag: str) -> tuple[dict[str, str], dict[str, str]]:
+    texts: dict[str, str] = {}
+    languages: dict[str, str] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            key = str(item.get("id", item.get("source")))
+            texts[key] = str(item["text"])
+        except (ValueError, KeyError, AttributeError):
+            raise UsageError(f'{flag} {path}:{n}: expected {{"id": ..., "text": ..., "language": ...}} per line') from None
+        if item.get("language"):
+            languages[key] = str(item["language"])
+    return texts, languages
+
+
+def cmd_eval_transcripts(args: argparse.Namespace) -> int:
+    how = 'pass a JSONL file with {"id": ..., "text": ...} per line'
+    ref_path = existing_path(args.reference, "--reference", how)
+    hyp_path = existing_path(args.hypothesis, "--hypothesis", how)
+    from stages.textnorm import score_labels
+
+    refs, languages = _read_labels(ref_path, "--reference")
+    hyps, hyp_languages = _read_labels(hyp_path, "--hypothesis")
+    result = score_labels(refs, hyps, {**hyp_languages, **languages})
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
 def cmd_tokenizer_fit(args: argparse.Namespace) -> int:
     inputs = [existing_path(p, "audio input", "pass audio files or folders of them") for p in args.inputs]
     for name, value, low in (("--size", args.size, 2), ("--iterations", args.iterations, 1)):
@@ -309,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="diarization-eval", help="where RTTM and metrics.json go")
     p.add_argument("--collar", type=float, default=0.25, help="forgiveness collar around reference boundaries (s)")
     p.set_defaults(func=cmd_eval_diarization)
+    p = ev_sub.add_parser("transcripts", help="WER and CER of labels against reference transcripts "
+                          "(CER decides for zh, ja, ko)")
+    p.add_argument("--reference", required=True, help='JSONL: {"id": ..., "text": ..., "language": ...} per line')
+    p.add_argument("--hypothesis", required=True, help="JSONL in the same form: the labels to score")
+    p.set_defaults(func=cmd_eval_transcripts)
 
     tok = sub.add_parser("tokenizer", help="semantic tokenizer tools")
     tok_sub = tok.add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -349,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voices", default="en-us,en+f3,en+m7,en-gb+f2", help="comma-separated voices, used in turn")
     p.add_argument("--per-text", choices=["cycle", "each"], default="cycle", help="one voice per text, or every voice")
     p.add_argument("--backend", choices=["espeak-ng", "kimia"], default=None, help="TTS (default: roundtrip.tts_backend)")
-    p.add_argument("--max-wer", type=float, default=None, help="keep utterances with WER <= this (default: roundtrip.max_wer)")
+    p.add_argument("--max-wer", type=float, default=None, help="keep utterances with WER (CER for zh, ja, ko) <= this (default: roundtrip.max_wer)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_synth)
 

@@ -15,7 +15,9 @@ Modes (``roundtrip.mode``):
 
 Text is normalised the way Whisper's evaluation does (``EnglishTextNormalizer`` for English,
 ``BasicTextNormalizer`` otherwise), so punctuation, casing, spelled-out numbers and British /
-American spelling do not count as errors. Languages written without spaces are judged by CER.
+American spelling do not count as errors. CER is ``stages.textnorm.cer`` on that text (NFKC,
+punctuation and spaces removed, traditional Chinese mapped to simplified), and languages
+written without spaces are judged by CER alone.
 
 Written per row: ``rt_mode``, ``rt_tts``, ``rt_text``, ``rt_wer``, ``rt_cer``, ``rt_max_wer``,
 ``rt_max_cer``, ``rt_pass`` (None when the row was not checked, with ``rt_skipped`` saying why),
@@ -36,10 +38,8 @@ from pydantic import Field, model_validator
 from kimia_model.refs import ModelNotFoundError, missing
 from kimia_model.tts import ESPEAK_BINARY, TokenGenerator, TTSBackend, TTSError, build_tts
 from stages.base import Row, Stage, StageConfig, StageContext, StageError
+from stages.textnorm import UNSPACED_LANGUAGES, cer
 from stages.transcribe import TranscribeConfig
-
-#: Languages written without spaces between words: WER is meaningless there, CER decides.
-UNSPACED_LANGUAGES = ("zh", "ja", "ko", "yue", "th", "lo", "my", "km")
 
 
 class AsrLike(Protocol):
@@ -128,8 +128,13 @@ def normalize_text(text: str, language: str = "en") -> str:
 def score(reference: str, hypothesis: str, language: str = "en") -> dict[str, float | str]:
     """WER and CER of ``hypothesis`` against ``reference`` after normalisation.
 
-    CER counts characters without spaces, so it means the same for spaced and unspaced
-    scripts. An empty reference is an error: there is nothing to score against.
+    CER (``stages.textnorm.cer`` of the normalised texts) counts characters without spaces or
+    punctuation, so it means the same for spaced and unspaced scripts. An empty reference is
+    an error: there is nothing to score against.
+
+    >>> s = score("今天天氣很好。", "今天天汽很好", "zh")
+    >>> round(s["cer"], 4)
+    0.1667
     """
     import jiwer
 
@@ -137,9 +142,7 @@ def score(reference: str, hypothesis: str, language: str = "en") -> dict[str, fl
     if not ref:
         raise ValueError("reference has no words after normalisation")
     wer = jiwer.wer(ref, hyp) if hyp else 1.0
-    ref_c, hyp_c = ref.replace(" ", ""), hyp.replace(" ", "")
-    cer = jiwer.cer(" ".join(ref_c), " ".join(hyp_c)) if hyp_c else 1.0
-    return {"wer": float(wer), "cer": float(cer), "ref_norm": ref, "hyp_norm": hyp}
+    return {"wer": float(wer), "cer": float(cer(ref, hyp)), "ref_norm": ref, "hyp_norm": hyp}
 
 
 # -- the stage ---------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ import importlib
 import pytest
 
 MODULES = [
-    "pipeline.guard", "pipeline.run", "pipeline.usage", "stages.base", "stages.rows", "kimia_model.audio", "stages.segment",
-    "stages.textnorm", "stages.vad", "stages.quality", "stages.filter", "stages.write.layout", "stages.write.writer",
-    "pipeline.audit.agg", "pipeline.audit.compare", "kimia_model.whisper_vq.timing", "kimia_model.shipped_codebooks",
+    "pipeline.guard", "pipeline.run", "pipeline.usage", "stages.base", "stages.rows", "kimia_model.audio",
+    "stages.segment", "stages.textnorm", "stages.zh_punct", "stages.vad", "stages.quality", "stages.filter",
+    "stages.write.layout", "stages.write.writer", "pipeline.audit.agg", "pipeline.audit.compare",
+    "kimia_model.whisper_vq.timing", "kimia_model.shipped_codebooks",
 ]
 
 

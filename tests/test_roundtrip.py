@@ -93,6 +93,16 @@ def test_normalisation_and_scores():
         score("[Music]", "anything")
 
 
+def test_chinese_scored_by_characters():
+    # CER is a true character edit rate: one wrong character in six, whatever the punctuation
+    # width or the script (Whisper often writes Mandarin in traditional characters).
+    s = score("今天天气很好。", "今天天汽很好", "zh")
+    assert s["cer"] == pytest.approx(1 / 6)
+    assert score("你好，世界！", "你好,世界!", "zh")["cer"] == 0.0
+    assert score("今天天气很好", "今天天氣很好", "zh")["cer"] == 0.0
+    assert score("今天天气很好", "", "zh")["cer"] == 1.0
+
+
 def test_espeak_backend(tts):
     audio, sr = tts.synthesize("Testing one two three.", "en-gb+f2")
     assert sr == 22050 and audio.dtype == np.float32 and 0.5 < audio.size / sr < 5

@@ -130,6 +130,8 @@ METRICS: dict[str, tuple[float, float, int]] = {
     "silence_ratio": (0.0, 1.0, 20),
     "language_prob": (0.0, 1.0, 20),
     "rt_wer": (0.0, 1.0, 20),
+    # Beside WER: the primary round-trip measure for languages written without spaces.
+    "rt_cer": (0.0, 1.0, 20),
 }
 
 

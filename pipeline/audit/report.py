@@ -27,6 +27,8 @@ _PLOTTED = (
     ("chars_per_s", "Speaking rate (letters/s)"),
     ("tokens_per_s", "Semantic tokens per second"),
     ("transcript_chars", "Transcript length (characters)"),
+    ("rt_wer", "Round-trip WER"),
+    ("rt_cer", "Round-trip CER (the measure for zh, ja, ko)"),
 )
 
 _CSS = """

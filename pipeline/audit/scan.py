@@ -355,7 +355,8 @@ def scan_shard(
         rec_speakers[rec].add(str(meta.get("speaker")))
         agg.hists["duration_s"].add(duration)
         for m in ("snr_db", "dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "words_per_s", "chars_per_s",
-                  "clipping_ratio", "silence_ratio", "language_prob", "rt_wer"):
+                  "clipping_ratio", "silence_ratio", "language_prob", "rt_wer",
+                  "rt_cer"):
             agg.hists[m].add(_num(meta.get(m)))
         if n_tokens is not None and dur > 0:
             agg.hists["tokens_per_s"].add(n_tokens / dur)

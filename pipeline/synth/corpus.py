@@ -32,6 +32,7 @@ import numpy as np
 
 from kimia_model.tts import TTSBackend, TTSError
 from stages.roundtrip import AsrLike, normalize_text, score
+from stages.textnorm import primary_metric
 from stages.rows import recording_id
 
 
@@ -79,7 +80,8 @@ def synthesize_corpus(texts_jsonl: Path, voices: list[str], backend: TTSBackend,
         voices: backend voice names (espeak-ng: en-us, en+f3, en+m7, en-gb+f2, ...).
         backend: a TTS backend (``kimia_model.tts``).
         asr: anything with ``transcribe(audios, sample_rate) -> [{"text": ...}]``.
-        threshold: the largest WER a kept sample may have.
+        threshold: the largest WER a kept sample may have (CER for languages written without
+            spaces, ``stages.textnorm.UNSPACED_LANGUAGES``).
         per_text: ``cycle`` = one voice per text in turn; ``each`` = every voice for every text.
         batch_size: clips per ASR call.
         stats: filled with counts of kept and dropped samples by reason.
@@ -106,13 +108,17 @@ def synthesize_corpus(texts_jsonl: Path, voices: list[str], backend: TTSBackend,
             for row, res in zip(rows, results):
                 hyp = str(res.get("text") or "")
                 s = score(row["text"], hyp, row["language"])
+                # Languages written without spaces are judged by CER: their "words" are a tokenizer's.
+                metric = primary_metric(row["language"])
                 row.update(rt_mode="label", rt_text=hyp.strip(), rt_wer=round(s["wer"], 4),
-                           rt_cer=round(s["cer"], 4), rt_max_wer=threshold, rt_pass=s["wer"] <= threshold)
+                           rt_cer=round(s["cer"], 4), rt_pass=s[metric] <= threshold,
+                           rt_max_wer=threshold if metric == "wer" else None,
+                           rt_max_cer=threshold if metric == "cer" else None)
                 if row["rt_pass"]:
                     stats.kept += 1
                     yield row
                 else:
-                    stats.drop(f"roundtrip_wer>{threshold:g}")
+                    stats.drop(f"roundtrip_{metric}>{threshold:g}")
         pending.clear()
 
     for item in _read_texts(Path(texts_jsonl), stats):
