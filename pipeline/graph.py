@@ -90,11 +90,33 @@ def duplicate_registry(seed: Iterator[tuple[str, str]]) -> RayDuplicates:
     return RayDuplicates(actor)
 
 
+def _ray_data_output(verbose: bool) -> None:
+    """Ray Data's own progress bars, execution plan and warnings only with ``-v``.
+
+    A run draws one bar of committed recordings and prints its own summary; without a
+    terminal Ray Data would instead log a progress line per operator every few seconds.
+    """
+    import logging
+    import warnings
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=".*concurrent tasks.*", category=UserWarning)
+
+
 def build_dataset(
     items: list[Row], stages: list[Stage], *, parallelism: int | None = None, recordings_per_batch: int = 2,
+    verbose: bool = False,
 ) -> Any:
     """Lazily build the streaming dataset: ``items`` through every stage, in order."""
     import ray.data
+
+    _ray_data_output(verbose)
 
     ds = ray.data.from_items([{PAYLOAD: pickle.dumps(i, protocol=5)} for i in items], override_num_blocks=parallelism)
     for stage in stages:

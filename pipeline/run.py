@@ -182,7 +182,7 @@ def _run_locked(
         writer.duplicates = duplicate_registry(layout.committed_fingerprints())
         items = [{"source": s.uri, "source_meta": s.meta, "status": "ok"} for s in todo]
         ds = build_dataset(items, stages, parallelism=min(len(items), 200),
-                           recordings_per_batch=cfg.ray.recordings_per_batch)
+                           recordings_per_batch=cfg.ray.recordings_per_batch, verbose=verbose)
         bar = _progress(len(todo), progress)
         for row in iter_rows(ds):
             if first_commit_s is None:

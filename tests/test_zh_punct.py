@@ -11,6 +11,39 @@ from stages.zh_punct import COMMA, PERIOD, is_punct, pause_mark, punctuate_by_pa
 MARKS = (COMMA, PERIOD)
 
 
+@pytest.fixture(autouse=True)
+def _lazy_modules_answer_scans():
+    """Let hypothesis scan ``sys.modules`` after speechbrain was imported by another test.
+
+    Hypothesis reads every loaded module's ``__file__``; speechbrain leaves lazy placeholder
+    modules there whose attribute lookups import optional integrations (flair, k2) and raise
+    ImportError when those are not installed. For dunder lookups, a failed lazy import is
+    reported as the missing attribute it amounts to.
+    """
+    import sys
+
+    mod = sys.modules.get("speechbrain.utils.importutils")
+    if mod is None:
+        yield
+        return
+    lazy = mod.LazyModule
+    original = lazy.__getattr__
+
+    def lookup(self, attr: str):
+        try:
+            return original(self, attr)
+        except ImportError:
+            if attr.startswith("__"):
+                raise AttributeError(attr) from None
+            raise
+
+    lazy.__getattr__ = lookup
+    try:
+        yield
+    finally:
+        lazy.__getattr__ = original
+
+
 def _two_chars(gap_s: float, first_end: float = 0.3) -> list[tuple[str, float, float]]:
     return [("好", 0.1, first_end), ("的", first_end + gap_s, first_end + gap_s + 0.2)]
 
