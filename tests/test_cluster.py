@@ -26,7 +26,9 @@ node is marked dead after its missed heartbeats, Ray restarts its actors on the 
 retries their batches (``ACTOR_UNAVAILABLE`` attempts in ``ray list tasks``) and its tasks;
 no sample is written twice. (Until the run's duplicate registry was pinned to the driver's
 node, a registry placed on the worker node died with it, every later write failed and the
-job with them; the resubmission then resumed and finished, also without duplicates.)
+job with them; the resubmission then resumed and finished, also without duplicates. Once
+since the pinning, the registry still ended up on the worker node and the job needed the
+resubmission: not understood yet, hence both outcomes stay accepted.)
 
 Last, the ``ray submit`` route on the same cluster: ``workflows/curate.py`` copied alone
 into a home directory and run there with the venv's interpreter, as ``ray submit`` does on
