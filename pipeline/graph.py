@@ -83,10 +83,21 @@ class RayDuplicates:
 
 
 def duplicate_registry(seed: Iterator[tuple[str, str]]) -> RayDuplicates:
-    """Start the run's duplicate registry (no CPU reserved: it only answers lookups)."""
-    import ray
+    """Start the run's duplicate registry (no CPU reserved: it only answers lookups).
 
-    actor = ray.remote(num_cpus=0)(DuplicateRegistry).remote([(k, fp) for k, fp in seed if fp])
+    It is pinned to the driver's node. Every writer asks it, so wherever it lives is a node
+    the whole run depends on: placed freely (num_cpus=0 fits anywhere), it may land on a
+    worker node, and when that node dies every later write fails and the job with it,
+    although Ray retries everything else elsewhere. The driver's node is one the run
+    cannot lose anyway.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(num_cpus=0, scheduling_strategy=here)(DuplicateRegistry).remote(
+        [(k, fp) for k, fp in seed if fp]
+    )
     return RayDuplicates(actor)
 
 
