@@ -57,14 +57,17 @@ class DuplicateRegistry:
     """A Ray actor holding the run's exact-duplicate fingerprints (strings, never audio).
 
     Writers on every worker ask it, one call per recording, which of their samples repeat
-    one already written; it is seeded with the fingerprints committed by earlier runs.
+    one already written. It seeds itself from the fingerprints OUT's ledger commits, so a
+    registry restarted after its node died knows everything committed so far, this run's
+    commits included; only duplicates between batches that were in flight at that moment
+    can go unnoticed.
     """
 
-    def __init__(self, seed: list[tuple[str, str]]) -> None:
-        from stages.write import LocalDuplicates
+    def __init__(self, out: str) -> None:
+        from stages.write import LocalDuplicates, OutLayout
 
         self.local = LocalDuplicates()
-        self.local.check_many(list(seed))
+        self.local.check_many([(k, fp) for k, fp in OutLayout(out).committed_fingerprints() if fp])
 
     def check_many(self, pairs: list[tuple[str, str | None]]) -> list[str | None]:
         return self.local.check_many(pairs)
@@ -82,22 +85,21 @@ class RayDuplicates:
         return ray.get(self.handle.check_many.remote(pairs)) if pairs else []
 
 
-def duplicate_registry(seed: Iterator[tuple[str, str]]) -> RayDuplicates:
-    """Start the run's duplicate registry (no CPU reserved: it only answers lookups).
+def duplicate_registry(out: str) -> RayDuplicates:
+    """Start the run's duplicate registry for OUT (no CPU reserved: it only answers lookups).
 
-    It is pinned to the driver's node. Every writer asks it, so wherever it lives is a node
-    the whole run depends on: placed freely (num_cpus=0 fits anywhere), it may land on a
-    worker node, and when that node dies every later write fails and the job with it,
-    although Ray retries everything else elsewhere. The driver's node is one the run
-    cannot lose anyway.
+    Every writer depends on it, so it must survive the loss of a node: it prefers the
+    driver's node (soft affinity: placed freely, ``num_cpus=0`` fits on any worker node),
+    is restarted elsewhere when its node dies, and calls made meanwhile are retried once it
+    is back (it re-seeds itself from the ledger, see :class:`DuplicateRegistry`).
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    actor = ray.remote(num_cpus=0, scheduling_strategy=here)(DuplicateRegistry).remote(
-        [(k, fp) for k, fp in seed if fp]
-    )
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(num_cpus=0, scheduling_strategy=here, max_restarts=-1, max_task_retries=-1)(
+        DuplicateRegistry
+    ).remote(str(out))
     return RayDuplicates(actor)
 
 

@@ -179,7 +179,7 @@ def _run_locked(
 
         writer = stages[-1]
         assert isinstance(writer, WriteStage)
-        writer.duplicates = duplicate_registry(layout.committed_fingerprints())
+        writer.duplicates = duplicate_registry(str(out))
         items = [{"source": s.uri, "source_meta": s.meta, "status": "ok"} for s in todo]
         ds = build_dataset(items, stages, parallelism=min(len(items), 200),
                            recordings_per_batch=cfg.ray.recordings_per_batch, verbose=verbose)

@@ -24,11 +24,11 @@ submitted again must resume and finish; either outcome is accepted and reported 
 prints what happened). What it has shown here: the first submission finishes; the worker
 node is marked dead after its missed heartbeats, Ray restarts its actors on the head and
 retries their batches (``ACTOR_UNAVAILABLE`` attempts in ``ray list tasks``) and its tasks;
-no sample is written twice. (Until the run's duplicate registry was pinned to the driver's
-node, a registry placed on the worker node died with it, every later write failed and the
-job with them; the resubmission then resumed and finished, also without duplicates. Once
-since the pinning, the registry still ended up on the worker node and the job needed the
-resubmission: not understood yet, hence both outcomes stay accepted.)
+no sample is written twice. (When the run's duplicate registry, an actor every writer asks,
+could only live on one node, a registry placed on the worker node died with it, every later
+write failed and the job with them; the resubmission then resumed and finished, also without
+duplicates. The registry now prefers the driver's node and is restarted elsewhere, re-seeded
+from the ledger, when its node dies; both outcomes stay accepted, and the report says which.)
 
 Last, the ``ray submit`` route on the same cluster: ``workflows/curate.py`` copied alone
 into a home directory and run there with the venv's interpreter, as ``ray submit`` does on
@@ -362,7 +362,7 @@ def test_worker_node_killed_mid_run_output_equals_embedded_run(
     nodes = json.loads(cluster.ray("list", "nodes", "--address", cluster.dashboard, "--format", "json").stdout)
     dead = [n["node_id"] for n in nodes if not n["is_head_node"]]
     assert [n["state"] for n in nodes if not n["is_head_node"]] == ["DEAD"], nodes
-    # Where each submission's duplicate registry lived (pinned to its driver's node).
+    # Where each submission's duplicate registry lived (it prefers its driver's node).
     actors = json.loads(cluster.ray("list", "actors", "--address", cluster.dashboard, "--detail", "--format", "json",
                                     "--limit", "10000").stdout)
     registry_on = ["worker" if a["node_id"] in dead else "head" for a in actors
