@@ -91,6 +91,9 @@ def main() -> None:
     print(f"bare models, same audio         {model_s:8.1f} s   RTF {model_s / audio_s:.4f}  ({parts})")
     print(f"bare ASR alone                  {asr_bare:8.1f} s   RTF {asr_bare / audio_s:.4f}")
     print(f"ratio end-to-end / bare models  {wall / model_s:8.3f}   (target <= 1.3)")
+    first = r.get("first_commit_seconds")
+    if first:
+        print(f"first commit after              {first:8.1f} s   {100 * first / wall:.0f} % of wall (streaming commits)")
 
 
 if __name__ == "__main__":
