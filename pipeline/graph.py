@@ -118,7 +118,9 @@ def _ray_data_output(verbose: bool) -> None:
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     if not verbose:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Its notices (progress bars off, memory and hanging-task detectors) are for -v too.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        ctx.issue_detectors_config.detectors = []
         warnings.filterwarnings("ignore", message=".*concurrent tasks.*", category=UserWarning)
 
 

@@ -69,6 +69,7 @@ def init_ray(cfg: RunConfig, address: str | None, *, verbose: bool = False) -> N
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+
     if not address:
         _keep_on_loopback()
         # Ray 2.60 turns token authentication on for a cluster it starts, and says so on the
