@@ -42,17 +42,17 @@ def bare_compute(folder: Path, cfg) -> dict[str, float]:
     rows = [r for f in sorted(folder.glob("*.wav")) for r in stages[0]([{"source": str(f), "status": "ok"}])]
     audio_s = sum(r["duration_s"] for r in rows)
     seconds: dict[str, float] = {}
-    for stage in stages[1:]:
+    for stage in stages[1:-1]:  # decode ran above; write is pipeline work
         if not stage.uses_model:
             rows = stage(rows)
             continue
         stage.setup()
         stage._ready = True
-        b = stage.config.batch_size
+        b = stage.config.batch_size if stage.level == "recording" else cfg.ray.recordings_per_batch
         t0 = time.perf_counter()
         rows = [out for i in range(0, len(rows), b) for out in stage(rows[i : i + b])]
         seconds[stage.name] = time.perf_counter() - t0
-    return {"seconds": seconds, "audio_s": audio_s, "segments": sum(1 for r in rows if r.get("segment_index") is not None)}
+    return {"seconds": seconds, "audio_s": audio_s, "segments": sum(len(r.get("segments") or []) for r in rows)}
 
 
 def main() -> None:
@@ -72,6 +72,8 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = run(cfg, str(folder), out, progress=False)
     wall = time.perf_counter() - t0
+    print(format_summary(summary), flush=True)
+    print()
     import ray
 
     ray.shutdown()
@@ -80,8 +82,6 @@ def main() -> None:
     audio_s = r["hours_in"] * 3600
     model_s = sum(bare["seconds"].values())
     asr_bare = bare["seconds"].get("transcribe", 0.0)
-    print(format_summary(summary))
-    print()
     print(f"corpus: {audio_s / 60:.1f} min of speech in {r['recordings']} recordings, {bare['segments']} segments")
     print(f"config: transcribe={cfg.transcribe.backend}:{cfg.transcribe.model} beam={cfg.transcribe.beam_size} "
           f"batch={cfg.transcribe.batch_size} compute_type={cfg.transcribe.compute_type}")
