@@ -32,7 +32,7 @@ from stages.quality import QualityStage
 from stages.roundtrip import RoundtripStage
 from stages.segment import SegmentStage
 from stages.transcribe import TranscribeStage
-from stages.write import OutLayout, RecordingOutcome, WriteStage, summarize
+from stages.write import OutLayout, RecordingOutcome, Summary, WriteStage, summarize
 
 log = logging.getLogger("kimia_curate")
 
@@ -160,13 +160,15 @@ def _run_locked(
     removed = layout.sweep()  # remains of a killed run: shards no ledger entry names
     if removed:
         log.info("removed %d uncommitted files left by an interrupted run", len(removed))
-    latest = layout.latest_outcomes()
-    done = {o.source for o in latest if not (retry_quarantined and o.status == "quarantined")}
+    done = {o.source for o in layout.iter_latest_outcomes() if not (retry_quarantined and o.status == "quarantined")}
     todo = [s for s in sources if s.uri not in done]
     skipped = len(sources) - len(todo)
     if skipped:
         print(f"resume: {skipped} of {len(sources)} inputs already committed in {out}", file=sys.stderr)
-    this_run: list[RecordingOutcome] = []
+    # Only sums, the failures and the sources seen are kept: driver memory stays flat.
+    this_run = Summary()
+    failed: list[dict[str, Any]] = []
+    seen: set[str] = set()
     lost: list[dict[str, Any]] = []
     first_commit_s: float | None = None
     if todo:
@@ -187,18 +189,20 @@ def _run_locked(
         for row in iter_rows(ds):
             if first_commit_s is None:
                 first_commit_s = time.perf_counter() - t_start
-            this_run.append(row["outcome"])
+            outcome: RecordingOutcome = row["outcome"]
+            this_run.add(outcome)
+            seen.add(outcome.source)
+            failed.extend(q for q in outcome.quarantine if q.get("kind") == KIND_TRANSIENT)
             bar.update(1)
         bar.close()
-        seen = {o.source for o in this_run}
         lost = [{"source": s.uri, "stage": "pipeline", "error": "no output arrived"} for s in todo if s.uri not in seen]
         for item in lost:  # never committed, never silent: the next run redoes them
             log.error("no outcome for %s", item["source"])
     layout.write_quarantine(layout.quarantine_records())
     wall = time.perf_counter() - t_start
-    summary = summarize(layout.latest_outcomes())
-    run_summary = summarize(this_run)
-    run_summary["failed"] = lost + [q for o in this_run for q in o.quarantine if q.get("kind") == KIND_TRANSIENT]
+    summary = summarize(layout.iter_latest_outcomes())
+    run_summary = this_run.result()
+    run_summary["failed"] = lost + failed
     run_summary["wall_seconds"] = round(wall, 3)
     run_summary["first_commit_seconds"] = None if first_commit_s is None else round(first_commit_s, 3)
     audio_s = run_summary["hours_in"] * 3600

@@ -5,6 +5,7 @@ from stages.write.writer import (
     Duplicates,
     LocalDuplicates,
     ShardWriter,
+    Summary,
     WriteConfig,
     WriteStage,
     sample_metadata,
@@ -12,6 +13,6 @@ from stages.write.writer import (
 )
 
 __all__ = [
-    "Duplicates", "LocalDuplicates", "OutLayout", "RecordingOutcome", "ShardWriter", "WriteConfig", "WriteStage",
+    "Duplicates", "LocalDuplicates", "OutLayout", "RecordingOutcome", "ShardWriter", "Summary", "WriteConfig", "WriteStage",
     "sample_metadata", "sha256_file", "summarize",
 ]

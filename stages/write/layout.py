@@ -291,34 +291,53 @@ class OutLayout:
             return None
         return [RecordingOutcome(**r) for r in json.loads(path.read_text())["recordings"]]
 
-    def ledger(self) -> list[dict[str, Any]]:
-        """Every committed ledger entry, oldest first."""
+    def ledger(self, *, recordings: bool = True) -> list[dict[str, Any]]:
+        """Every committed ledger entry, oldest first.
+
+        Args:
+            recordings: include each entry's recording outcomes; without them the ledger of a
+                large output (10,000 recordings) costs little memory to list.
+        """
         if not self.state_dir.is_dir():
             return []
         entries = []
         for path in sorted(self.state_dir.glob("commit-*.json")):
             entry = json.loads(path.read_text())
             entry["_file"] = path.name
+            if not recordings:
+                entry.pop("recordings", None)
             entries.append(entry)
         entries.sort(key=lambda e: (float(e.get("time", 0.0)), e["_file"]))
         return entries
 
     def committed_shards(self, root: str | None = None) -> list[dict[str, Any]]:
         """Shard references the ledger commits, oldest first (``root``: only ``KEPT`` or ``DROPPED``)."""
-        shards = [s for e in self.ledger() for s in e["shards"]]
+        shards = [s for e in self.ledger(recordings=False) for s in e["shards"]]
         return [s for s in shards if root is None or s.get("root", KEPT) == root]
-
-    def outcomes(self) -> list[RecordingOutcome]:
-        """Every committed recording outcome, oldest first (a source may appear again after a retry)."""
-        return [RecordingOutcome(**r) for e in self.ledger() for r in e["recordings"]]
 
     def latest_outcomes(self) -> list[RecordingOutcome]:
         """The newest committed outcome of each source (a retried input supersedes its quarantine)."""
-        return list({o.source: o for o in self.outcomes()}.values())
+        return list(self.iter_latest_outcomes())
+
+    def iter_latest_outcomes(self) -> Iterator[RecordingOutcome]:
+        """:meth:`latest_outcomes` one at a time: memory for a position per source, not an outcome.
+
+        Two passes over the ledger: the first notes where each source's newest outcome is,
+        the second yields those.
+        """
+        files = [e["_file"] for e in self.ledger(recordings=False)]  # in commit order
+        newest: dict[str, tuple[int, int]] = {}
+        for n, name in enumerate(files):
+            for k, r in enumerate(json.loads((self.state_dir / name).read_text())["recordings"]):
+                newest[r["source"]] = (n, k)
+        for n, name in enumerate(files):
+            for k, r in enumerate(json.loads((self.state_dir / name).read_text())["recordings"]):
+                if newest.get(r["source"]) == (n, k):
+                    yield RecordingOutcome(**r)
 
     def quarantine_records(self) -> list[dict[str, Any]]:
         """What ``quarantine.parquet`` holds: the quarantine records of each source's newest outcome."""
-        return [{"kind": "bad_input", **q} for o in self.latest_outcomes() for q in o.quarantine]
+        return [{"kind": "bad_input", **q} for o in self.iter_latest_outcomes() for q in o.quarantine]
 
     def read_index(self, shard: dict[str, Any], columns: list[str] | None = None) -> Any:
         """The Parquet index of a committed shard, as an Arrow table."""

@@ -354,32 +354,63 @@ class WriteStage(Stage):
         return self.process_batch(rows) if rows else []
 
 
-def summarize(outcomes: Iterable[RecordingOutcome]) -> dict[str, Any]:
-    """Hours in and kept, per-stage compute time and real-time factor, counts by reason."""
-    outcomes = list(outcomes)
-    hours_in = sum(o.duration_s for o in outcomes) / 3600
-    hours_kept = sum(o.kept_s for o in outcomes) / 3600
-    stage_s: dict[str, float] = defaultdict(float)
-    for o in outcomes:
+class Summary:
+    """A run summary built one outcome at a time, in memory that does not grow with the run.
+
+    Hours in and kept, per-stage compute time and real-time factor, counts by status and
+    by reason: sums and counters only, so a driver can summarise 10,000 recordings without
+    keeping their outcomes.
+
+    >>> s = Summary()
+    >>> s.add(RecordingOutcome("r", "/a.wav", "ok", duration_s=7200.0, kept_s=3600.0, kept=3, timings={"asr": 720.0}))
+    >>> r = s.result()
+    >>> r["hours_in"], r["hours_kept"], r["segments_kept"], r["stage_rtf"]
+    (2.0, 1.0, 3, {'asr': 0.1})
+    """
+
+    def __init__(self) -> None:
+        self.recordings = 0
+        self.by_status: Counter[str] = Counter()
+        self.seconds_in = 0.0
+        self.seconds_kept = 0.0
+        self.kept = 0
+        self.dropped = 0
+        self.stage_s: dict[str, float] = defaultdict(float)
+        self.drops: Counter[str] = Counter()
+        self.quarantine: Counter[str] = Counter()
+
+    def add(self, o: RecordingOutcome) -> None:
+        self.recordings += 1
+        self.by_status[o.status] += 1
+        self.seconds_in += o.duration_s
+        self.seconds_kept += o.kept_s
+        self.kept += o.kept
+        self.dropped += o.dropped
         for k, v in o.timings.items():
-            stage_s[k] += v
-    drops: Counter[str] = Counter()
-    for o in outcomes:
-        drops.update(o.drop_reasons)
-    quarantine: Counter[str] = Counter()
-    for o in outcomes:
+            self.stage_s[k] += v
+        self.drops.update(o.drop_reasons)
         for q in o.quarantine:
-            quarantine[f"{q['stage']}: {str(q['error']).split(':')[0]}"] += 1
-    audio_s = hours_in * 3600
-    return {
-        "recordings": len(outcomes),
-        "recordings_by_status": dict(Counter(o.status for o in outcomes)),
-        "hours_in": round(hours_in, 6),
-        "hours_kept": round(hours_kept, 6),
-        "segments_kept": sum(o.kept for o in outcomes),
-        "segments_dropped": sum(o.dropped for o in outcomes),
-        "stage_seconds": {k: round(v, 3) for k, v in sorted(stage_s.items())},
-        "stage_rtf": {k: (round(v / audio_s, 5) if audio_s else None) for k, v in sorted(stage_s.items())},
-        "drop_reasons": dict(drops.most_common()),
-        "quarantine_reasons": dict(quarantine.most_common()),
-    }
+            self.quarantine[f"{q['stage']}: {str(q['error']).split(':')[0]}"] += 1
+
+    def result(self) -> dict[str, Any]:
+        audio_s = self.seconds_in
+        return {
+            "recordings": self.recordings,
+            "recordings_by_status": dict(self.by_status),
+            "hours_in": round(audio_s / 3600, 6),
+            "hours_kept": round(self.seconds_kept / 3600, 6),
+            "segments_kept": self.kept,
+            "segments_dropped": self.dropped,
+            "stage_seconds": {k: round(v, 3) for k, v in sorted(self.stage_s.items())},
+            "stage_rtf": {k: (round(v / audio_s, 5) if audio_s else None) for k, v in sorted(self.stage_s.items())},
+            "drop_reasons": dict(self.drops.most_common()),
+            "quarantine_reasons": dict(self.quarantine.most_common()),
+        }
+
+
+def summarize(outcomes: Iterable[RecordingOutcome]) -> dict[str, Any]:
+    """The :class:`Summary` of ``outcomes``."""
+    summary = Summary()
+    for o in outcomes:
+        summary.add(o)
+    return summary.result()
