@@ -31,6 +31,15 @@ class ModelNotFoundError(RuntimeError):
     """Weights a stage needs are not on this machine."""
 
 
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (shard checks, codebook provenance)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 def missing(path: str | Path, config_key: str, how: str) -> ModelNotFoundError:
     """Build the one-line error users see for missing weights."""
     return ModelNotFoundError(f"model weights not found: {path} (config key `{config_key}`). {how}")

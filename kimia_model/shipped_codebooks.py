@@ -30,13 +30,14 @@ Example:
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kimia_model.refs import sha256_file
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "codebooks"
 SUFFIX = ".safetensors"
@@ -70,15 +71,6 @@ class ShippedCodebook:
 SHIPPED: dict[str, ShippedCodebook] = {
     c.name: c for c in (ShippedCodebook("whisper-base-1024", "pkg:whisper-base"),)
 }
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_path(name: str, cache_dir: Path) -> Path:

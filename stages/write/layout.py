@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from kimia_model.refs import sha256_file
+
 #: ``root`` of a shard reference: kept samples live in OUT, dropped ones in OUT/dropped.
 KEPT = ""
 DROPPED = "dropped"
@@ -105,14 +107,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def index_table(rows: list[dict[str, Any]]) -> Any:
