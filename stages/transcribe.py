@@ -32,11 +32,15 @@ from pydantic import Field
 from kimia_model.audio import resample
 from kimia_model.refs import missing, resolve
 from stages.base import Row, Stage, StageConfig, StageContext
+from stages.language import Decision, Evidence, PoolingParams, pool_languages
 
 ASR_SAMPLE_RATE = 16000
 WINDOW_S = 30.0
 
 TRANSCRIPT_FIELDS = ("text", "language", "language_prob", "avg_logprob", "no_speech_prob", "compression_ratio")
+#: How the language was decided (language pooling): "speaker" or "segment", and the segment's own
+#: top language and probability, kept for audits.
+LANGUAGE_FIELDS = ("language_source", "language_segment", "language_segment_prob")
 
 
 class TranscribeConfig(StageConfig):
@@ -55,7 +59,35 @@ class TranscribeConfig(StageConfig):
     )
     cpu_threads: int = Field(0, ge=0, le=256, description="CTranslate2 intra-op threads per worker; 0 = num_cpus.")
     language: str | None = Field(
-        None, description="Force a language code (e.g. en); null detects it per segment."
+        None, description="Force a language code (e.g. en); null decides it from language-ID evidence "
+        "(see language_pooling)."
+    )
+    language_pooling: bool = Field(
+        True,
+        description="Decide each segment's language from the duration-weighted language-ID evidence of "
+        "its speaker and recording (stages/language.py), then decode with it; a segment keeps its own "
+        "language only when its own evidence is strong and disagrees. false = each segment decides "
+        "alone (unreliable on short turns: measured on espeak-ng English, most 1-3 s turns got "
+        "another language or a probability below 0.8).",
+    )
+    lid_model: str | None = Field(
+        None,
+        description="Language-ID model (CTranslate2 Whisper directory or pkg:whisper-base) for backends "
+        "without a language head of their own (kimia). null = the ASR model itself where it has one, "
+        "else pkg:whisper-base. language_prob then means the same for every backend: this model's "
+        "pooled probability.",
+    )
+    language_prior_s: float = Field(
+        10.0, ge=0.0, le=600.0,
+        description="Seconds of the recording's language evidence a speaker's own is shrunk towards.",
+    )
+    language_override_prob: float = Field(
+        0.9, ge=0.5, le=1.0,
+        description="A segment keeps its own top language (a code switch) only with at least this "
+        "probability on the segment alone.",
+    )
+    language_override_min_s: float = Field(
+        2.0, ge=0.0, le=30.0, description="...and only when the segment is at least this long."
     )
     task: Literal["transcribe", "translate"] = Field("transcribe", description="Whisper task token.")
     beam_size: int = Field(5, ge=1, le=16, description="Beam width; 1 = greedy (faster, slightly worse).")
@@ -115,14 +147,29 @@ class AsrBackend(Protocol):
     model_id: str
 
     def transcribe(
-        self, audios: list[np.ndarray], sample_rate: int = ASR_SAMPLE_RATE, *, groups: list[str] | None = None
+        self,
+        audios: list[np.ndarray],
+        sample_rate: int = ASR_SAMPLE_RATE,
+        *,
+        groups: list[str] | None = None,
+        languages: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         """Transcribe each (<= 30 s) clip; one result dict per clip, keys TRANSCRIPT_FIELDS.
 
         ``groups`` names the recording each clip belongs to. A backend that packs several clips
         into one decoding window packs only clips of the same group, so one recording's labels
-        never depend on what other recordings shared its batch.
+        never depend on what other recordings shared its batch. ``languages`` (one code per
+        clip) is the language already decided for each clip (:mod:`stages.language`); a backend
+        that has a language token decodes with it instead of detecting one.
         """
+        ...
+
+
+class LanguageId(Protocol):
+    """An acoustic language-ID head: per clip, a probability distribution over languages."""
+
+    def language_probs(self, audios: list[np.ndarray], sample_rate: int = ASR_SAMPLE_RATE) -> list[dict[str, float]]:
+        """The top languages of each clip with their probabilities (a softmax: they sum to <= 1)."""
         ...
 
 
@@ -295,12 +342,18 @@ class FasterWhisperBackend:
         return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack(mels), dtype=np.float32))
 
     def transcribe(
-        self, audios: list[np.ndarray], sample_rate: int = ASR_SAMPLE_RATE, *, groups: list[str] | None = None
+        self,
+        audios: list[np.ndarray],
+        sample_rate: int = ASR_SAMPLE_RATE,
+        *,
+        groups: list[str] | None = None,
+        languages: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         if not audios:
             return []
+        forced = list(languages) if languages is not None and self.multilingual else None
         if not self.config.pack_windows:
-            return self._transcribe_unpacked(_to_16k(audios, sample_rate))
+            return self._transcribe_unpacked(_to_16k(audios, sample_rate), forced)
         clips = _to_16k(audios, sample_rate, truncate=False)
         # A segment longer than a window cannot share one; it is truncated and decoded alone,
         # exactly as in the unpacked path.
@@ -308,21 +361,44 @@ class FasterWhisperBackend:
         short = [i for i, c in enumerate(clips) if len(c) <= WINDOW_SAMPLES]
         out: list[dict[str, Any] | None] = [None] * len(clips)
         if long:
-            for i, res in zip(long, self._transcribe_unpacked([clips[i][:WINDOW_SAMPLES] for i in long])):
+            todo = [clips[i][:WINDOW_SAMPLES] for i in long]
+            for i, res in zip(long, self._transcribe_unpacked(todo, [forced[i] for i in long] if forced else None)):
                 out[i] = res
         if short:
             keys = [groups[i] if groups else "" for i in short]
-            for i, res in zip(short, self._transcribe_packed([clips[i] for i in short], keys)):
+            langs = [forced[i] for i in short] if forced else None
+            for i, res in zip(short, self._transcribe_packed([clips[i] for i in short], keys, langs)):
                 out[i] = res
         return out  # type: ignore[return-value]
 
-    def _transcribe_unpacked(self, clips: list[np.ndarray]) -> list[dict[str, Any]]:
+    def language_probs(self, audios: list[np.ndarray], sample_rate: int = ASR_SAMPLE_RATE) -> list[dict[str, float]]:
+        """Whisper's language head on each clip's first ``detect_window_s`` (top 5 languages).
+
+        Raises:
+            ValueError: an English-only model, which has no language head.
+        """
+        if not self.multilingual:
+            raise ValueError(f"{self.model_id} is English-only: it has no language head")
+        return self._language_distributions(_to_16k(audios, sample_rate, truncate=False))
+
+    def _language_distributions(self, clips: list[np.ndarray]) -> list[dict[str, float]]:
+        if not clips:
+            return []
+        samples = int(self.config.detect_window_s * ASR_SAMPLE_RATE)
+        frames = samples // self.features.hop_length
+        mels = [self._mel(clip[:samples], frames) for clip in clips]
+        detected = self.model.detect_language(self.model.encode(self._storage(mels), to_cpu=False))
+        return [{tok[2:-2]: float(p) for tok, p in d[:5]} for d in detected]  # "<|en|>" -> "en"
+
+    def _transcribe_unpacked(self, clips: list[np.ndarray], forced: list[str] | None = None) -> list[dict[str, Any]]:
         """One zero-padded 30 s window per segment, decoded without timestamps."""
         encoded = self.model.encode(self._storage([self._mel(c, self.n_frames) for c in clips]), to_cpu=False)
 
         languages: list[str | None]
         probs: list[float | None]
-        if not self.multilingual:
+        if forced:
+            languages, probs = list(forced), [None] * len(clips)
+        elif not self.multilingual:
             languages, probs = ["en"] * len(clips), [None] * len(clips)
         elif self.config.language:
             languages, probs = [self.config.language] * len(clips), [None] * len(clips)
@@ -381,13 +457,12 @@ class FasterWhisperBackend:
             return ["en"] * n, [None] * n
         if self.config.language:
             return [self.config.language] * n, [None] * n
-        samples = int(self.config.detect_window_s * ASR_SAMPLE_RATE)
-        frames = samples // self.features.hop_length
-        mels = [self._mel(clip[:samples], frames) for clip in clips]
-        detected = self.model.detect_language(self.model.encode(self._storage(mels), to_cpu=False))
-        return [d[0][0][2:-2] for d in detected], [float(d[0][1]) for d in detected]
+        tops = [next(iter(d.items())) for d in self._language_distributions(clips)]
+        return [lang for lang, _ in tops], [p for _, p in tops]
 
-    def _transcribe_packed(self, clips: list[np.ndarray], groups: list[str]) -> list[dict[str, Any]]:
+    def _transcribe_packed(
+        self, clips: list[np.ndarray], groups: list[str], forced: list[str] | None = None
+    ) -> list[dict[str, Any]]:
         """Pack segments into shared windows, decode each window once, split words back.
 
         Steps, each one batched call over all windows of the batch:
@@ -410,7 +485,11 @@ class FasterWhisperBackend:
         text). A segment left with no words is decoded again alone (unpacked path), so its
         fields are then exactly the unpacked ones.
         """
-        languages, lang_probs = self._detect_languages(clips)
+        if forced:
+            languages: list[str | None] = list(forced)
+            lang_probs: list[float | None] = [None] * len(clips)
+        else:
+            languages, lang_probs = self._detect_languages(clips)
         gap = round(self.config.pack_gap_s * ASR_SAMPLE_RATE)
         windows = plan_grouped_windows([len(c) for c in clips], languages, groups, WINDOW_SAMPLES, gap)
 
@@ -488,7 +567,8 @@ class FasterWhisperBackend:
         # its own window, so packing never silently loses speech. Silent segments pay for this.
         empty = [i for i, o in enumerate(out) if o is not None and not o["text"]]
         if empty:
-            for i, res in zip(empty, self._transcribe_unpacked([clips[i] for i in empty])):
+            redo = self._transcribe_unpacked([clips[i] for i in empty], [forced[i] for i in empty] if forced else None)
+            for i, res in zip(empty, redo):
                 out[i] = res
         return out  # type: ignore[return-value]
 
@@ -536,38 +616,69 @@ class OpenAIWhisperBackend:
         self._whisper = whisper
         self.device = device
         self.model = load_openai_whisper(checkpoint, device)
+        self.multilingual = bool(self.model.is_multilingual)
+
+    def _mels(self, audios: list[np.ndarray], sample_rate: int) -> Any:
+        import torch
+
+        whisper = self._whisper
+        return torch.stack(
+            [
+                whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(c)), n_mels=self.model.dims.n_mels)
+                for c in _to_16k(audios, sample_rate)
+            ]
+        ).to(self.device)
+
+    def language_probs(self, audios: list[np.ndarray], sample_rate: int = ASR_SAMPLE_RATE) -> list[dict[str, float]]:
+        """Whisper's language head on each clip's 30 s window (top 5 languages).
+
+        Raises:
+            ValueError: an English-only model, which has no language head.
+        """
+        if not self.model.is_multilingual:
+            raise ValueError(f"{self.model_id} is English-only: it has no language head")
+        if not audios:
+            return []
+        _, probs = self.model.detect_language(self._mels(audios, sample_rate))
+        return [dict(sorted(p.items(), key=lambda kv: -kv[1])[:5]) for p in probs]
 
     def transcribe(
-        self, audios: list[np.ndarray], sample_rate: int = ASR_SAMPLE_RATE, *, groups: list[str] | None = None
+        self,
+        audios: list[np.ndarray],
+        sample_rate: int = ASR_SAMPLE_RATE,
+        *,
+        groups: list[str] | None = None,
+        languages: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         import torch
 
         whisper = self._whisper
         if not audios:
             return []
-        clips = _to_16k(audios, sample_rate)
-        mels = torch.stack(
-            [
-                whisper.log_mel_spectrogram(
-                    whisper.pad_or_trim(torch.from_numpy(c)), n_mels=self.model.dims.n_mels
-                )
-                for c in clips
-            ]
-        ).to(self.device)
-        options = whisper.DecodingOptions(
-            task=self.config.task,
-            language=self.config.language if self.model.is_multilingual else "en",
-            beam_size=self.config.beam_size if self.config.beam_size > 1 else None,
-            without_timestamps=True,
-            fp16=self.device == "cuda",
-            sample_len=self.config.max_new_tokens,
-        )
-        lang_probs: list[float | None] = [None] * len(clips)
-        if self.model.is_multilingual and not self.config.language:
+        mels = self._mels(audios, sample_rate)
+        multilingual = self.model.is_multilingual
+        if languages is not None and multilingual:
+            # One decode call per decided language: DecodingOptions carries a single language.
+            plan = {lang: [i for i, x in enumerate(languages) if x == lang] for lang in dict.fromkeys(languages)}
+        else:
+            plan = {(self.config.language if multilingual else "en"): list(range(len(audios)))}
+        lang_probs: list[float | None] = [None] * len(audios)
+        if multilingual and not self.config.language and languages is None:
             _, probs = self.model.detect_language(mels)
             lang_probs = [max(p.values()) for p in probs]
-        with torch.inference_mode():
-            results = whisper.decode(self.model, mels, options)
+        results: list[Any] = [None] * len(audios)
+        for lang, idx in plan.items():
+            options = whisper.DecodingOptions(
+                task=self.config.task,
+                language=lang,
+                beam_size=self.config.beam_size if self.config.beam_size > 1 else None,
+                without_timestamps=True,
+                fp16=self.device == "cuda",
+                sample_len=self.config.max_new_tokens,
+            )
+            with torch.inference_mode():
+                for i, r in zip(idx, whisper.decode(self.model, mels[idx], options)):
+                    results[i] = r
         return [
             {
                 "text": r.text.strip(),
@@ -651,16 +762,24 @@ def build_asr(config: TranscribeConfig, context: StageContext, device: str = "cp
 
 
 class TranscribeStage(Stage):
-    """Segment rows in, the same rows with transcript fields out (batched, actor pool)."""
+    """Segment rows in, the same rows with transcript fields out (batched, actor pool).
+
+    Per batch (whole recordings, never part of one): language-ID evidence on every segment,
+    pooled per speaker and recording into one decision per segment (:mod:`stages.language`),
+    then one batched decode with those languages.
+    """
 
     name = "transcribe"
     reads = ("audio", "audio_enhanced", "sample_rate")
-    writes = TRANSCRIPT_FIELDS
+    writes = (*TRANSCRIPT_FIELDS, *LANGUAGE_FIELDS)
 
     config: TranscribeConfig
 
     def check(self) -> None:
         resolve_asr_model(self.config, self.context)
+        if self.config.lid_model:
+            resolve(self.config.lid_model, "transcribe.lid_model", how=_HOW["faster-whisper"],
+                    cache_dir=self.context.cache_dir)  # fmt: skip
         if self.config.device == "cuda" or (self.config.num_gpus > 0 and self.config.device != "cpu"):
             import torch
 
@@ -668,22 +787,91 @@ class TranscribeStage(Stage):
                 raise RuntimeError("transcribe.device=cuda but no CUDA GPU is visible; set transcribe.device=cpu")
 
     def setup(self) -> None:
-        self.asr = build_asr(self.config, self.context, self.resolve_device())
+        device = self.resolve_device()
+        self.asr = build_asr(self.config, self.context, device)
+        self.lid = self._build_lid(device)
+
+    def _build_lid(self, device: str) -> LanguageId | None:
+        """The language-ID head the pooled decision reads, or None where none applies.
+
+        None when the language is forced or pooling is off (the backend then decides per
+        segment, as it always did), and for an English-only ASR model with no ``lid_model``
+        (it can only hear English).
+        """
+        cfg = self.config
+        if cfg.language or not cfg.language_pooling:
+            return None
+        if cfg.lid_model is None:
+            if hasattr(self.asr, "language_probs"):
+                return self.asr if getattr(self.asr, "multilingual", False) else None
+            ref = "pkg:whisper-base"
+        else:
+            ref = cfg.lid_model
+        path = resolve(ref, "transcribe.lid_model", how=_HOW["faster-whisper"], cache_dir=self.context.cache_dir)
+        lid_cfg = cfg.model_copy(update={"backend": "faster-whisper", "model": ref, "compute_type": "auto"})
+        lid = FasterWhisperBackend(path, device=device, config=lid_cfg)
+        if not lid.multilingual:
+            raise ValueError(f"transcribe.lid_model={ref} is English-only: it has no language head")
+        return lid
 
     def model_id(self) -> str:
         return f"{self.config.backend}:{self.config.model}"
 
+    def _decide_languages(self, rows: list[Row], key: str) -> list[Decision] | None:
+        if getattr(self, "lid", None) is None:
+            return None
+        probs: list[dict[str, float]] = [{} for _ in rows]
+        by_rate: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            if len(r.get(key, r["audio"])) > 0:
+                by_rate.setdefault(int(r["sample_rate"]), []).append(i)
+        for sr, idx in by_rate.items():
+            for i, p in zip(idx, self.lid.language_probs([rows[i].get(key, rows[i]["audio"]) for i in idx], sr)):
+                probs[i] = p
+        evidence = [
+            Evidence(
+                recording=str(r.get("recording_id") or r.get("source") or ""),
+                speaker=r.get("speaker"),
+                duration_s=float(r.get("duration_s") or len(r.get(key, r["audio"])) / int(r["sample_rate"])),
+                probs=p,
+            )
+            for r, p in zip(rows, probs)
+        ]
+        params = PoolingParams(
+            prior_s=self.config.language_prior_s,
+            override_prob=self.config.language_override_prob,
+            override_min_s=self.config.language_override_min_s,
+        )
+        return pool_languages(evidence, params)
+
     def process_batch(self, rows: list[Row]) -> list[Row]:
         key = "audio_enhanced" if self.config.input_stream == "enhanced" else "audio"
+        decisions = self._decide_languages(rows, key)
         by_rate: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             by_rate.setdefault(int(r["sample_rate"]), []).append(i)
         results: list[dict[str, Any] | None] = [None] * len(rows)
         for sr, idx in by_rate.items():
-            outs = self.asr.transcribe(
-                [rows[i].get(key, rows[i]["audio"]) for i in idx], sr,
-                groups=[str(rows[i].get("recording_id") or rows[i].get("source") or "") for i in idx],
-            )
+            forced = [decisions[i].language for i in idx] if decisions else None
+            kwargs: dict[str, Any] = {
+                "groups": [str(rows[i].get("recording_id") or rows[i].get("source") or "") for i in idx]
+            }
+            if forced and all(forced):
+                kwargs["languages"] = forced
+            outs = self.asr.transcribe([rows[i].get(key, rows[i]["audio"]) for i in idx], sr, **kwargs)
             for i, o in zip(idx, outs):
                 results[i] = o
-        return [{**r, **(res or {})} for r, res in zip(rows, results)]
+        out = []
+        for i, (r, res) in enumerate(zip(rows, results)):
+            row = {**r, **(res or {})}
+            if decisions:
+                d = decisions[i]
+                row.update(
+                    language=d.language or row.get("language"),
+                    language_prob=d.probability,
+                    language_source=d.source,
+                    language_segment=d.segment_language,
+                    language_segment_prob=d.segment_probability,
+                )
+            out.append(row)
+        return out

@@ -162,11 +162,18 @@ class KimiaASR:
         self.seed = seed
 
     def transcribe(
-        self, audios: list[np.ndarray], sample_rate: int = SAMPLE_RATE, *, groups: list[str] | None = None
+        self,
+        audios: list[np.ndarray],
+        sample_rate: int = SAMPLE_RATE,
+        *,
+        groups: list[str] | None = None,
+        languages: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         """One result dict per clip (keys as the Whisper backends return).
 
         Each clip is decoded on its own, so ``groups`` (the clips' recordings) changes nothing.
+        The LM takes no language token, so ``languages`` changes nothing either: the transcribe
+        stage replaces the text-based language guess with its language-ID decision.
 
         Raises:
             StageError: a clip that cannot be prompted (empty, non-finite, too long).

@@ -369,3 +369,30 @@ def test_check_model_dir_names_missing_files(model_dir: Path, tmp_path: Path) ->
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelNotFoundError, match="tiktoken.model"):
         check_model_dir(tmp_path, glm)
+
+
+def test_kimia_labels_carry_the_language_id_models_decision(model_dir: Path, audioeval_dir: Path) -> None:
+    """The LM has no language head: the stage's language comes from Whisper's, so language_prob
+    means the same as with a Whisper labeller (a random tiny LM cannot change it)."""
+    import soundfile as sf
+
+    from kimia_model.audio import resample
+    from stages.base import StageContext
+    from stages.transcribe import TranscribeConfig, TranscribeStage
+    from stages.transcribe_kimia import KimiaASR
+
+    stage = TranscribeStage(TranscribeConfig(backend="kimia", model=str(model_dir), beam_size=1), StageContext())
+    stage.asr = KimiaASR(
+        model_dir, "cpu", audio_tokenizer=fake_audio_tokenizer, feature_extractor=fake_features, max_new_tokens=4
+    )
+    stage.lid = stage._build_lid("cpu")
+    stage._ready = True
+    rows = []
+    for rec, path in (("es", audioeval_dir / "es" / "conteo.wav"), ("en", audioeval_dir / "en" / "counting.wav")):
+        a, sr = sf.read(path, dtype="float32")
+        a = resample(a if a.ndim == 1 else a.mean(axis=1), sr, 16000)
+        rows.append({"status": "ok", "recording_id": rec, "segment_index": 0, "speaker": "S0",
+                     "sample_rate": 16000, "duration_s": len(a) / 16000, "audio": a})  # fmt: skip
+    out = stage(rows)
+    assert [r["language"] for r in out] == ["es", "en"]
+    assert all(r["language_prob"] > 0.8 and r["language_source"] == "speaker" for r in out)
