@@ -94,6 +94,14 @@ class TranscribeConfig(StageConfig):
     input_stream: Literal["original", "enhanced"] = Field(
         "original", description="Which audio stream the ASR hears."
     )
+    paraformer_model: str | None = Field(
+        None,
+        description="Paraformer-zh (FunASR) ONNX directory for Mandarin labels with character timestamps, "
+        "punctuated from the pauses between characters as Kimi-Audio does (stages/zh_punct.py): "
+        "model_quant.onnx or model.onnx (a BiCif Paraformer, with us_cif_peak output), config.yaml, "
+        "tokens.json, am.mvn, e.g. the paraformer-large-vad-punc zh -onnx release. A path, or a name "
+        "under <cache_dir>/paraformer/. null: no Paraformer (Mandarin falls back to Whisper).",
+    )
     kimia_tokenizer: str | None = Field(
         None,
         description="kimia backend: GLM-4-Voice tokenizer dir (null: <model>/glm-4-voice-tokenizer, "
