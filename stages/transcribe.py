@@ -126,6 +126,14 @@ class TranscribeConfig(StageConfig):
     input_stream: Literal["original", "enhanced"] = Field(
         "original", description="Which audio stream the ASR hears."
     )
+    paraformer_model: str | None = Field(
+        None,
+        description="Paraformer-zh (FunASR) ONNX directory for Mandarin labels with character timestamps, "
+        "punctuated from the pauses between characters as Kimi-Audio does (stages/zh_punct.py): "
+        "model_quant.onnx or model.onnx (a BiCif Paraformer, with us_cif_peak output), config.yaml, "
+        "tokens.json, am.mvn, e.g. the paraformer-large-vad-punc zh -onnx release. A path, or a name "
+        "under <cache_dir>/paraformer/. null: no Paraformer (Mandarin falls back to Whisper).",
+    )
     kimia_tokenizer: str | None = Field(
         None,
         description="kimia backend: GLM-4-Voice tokenizer dir (null: <model>/glm-4-voice-tokenizer, "
@@ -603,6 +611,125 @@ class FasterWhisperBackend:
             (list(word_tokens[i]), list(np.log(probs[bounds[i] : bounds[i + 1]])), owner[i])
             for i in range(len(words))
         ]
+
+
+    def transcribe_timed(
+        self,
+        audios: list[np.ndarray],
+        sample_rate: int = ASR_SAMPLE_RATE,
+        *,
+        groups: list[str] | None = None,
+        punctuate: tuple[str, ...] = ("zh",),
+    ) -> list[dict[str, Any]]:
+        """:meth:`transcribe`, plus timed words in ``chars``, and pause punctuation for Mandarin.
+
+        The Mandarin fallback when no Paraformer-zh is staged: Kimi-Audio punctuates Mandarin
+        from the pauses between timed characters (:mod:`stages.zh_punct`), and Whisper gives
+        no such times by itself. Each result's text is aligned again to its own clip (one more
+        encoder pass and a cross-attention DTW, batched), split into Whisper words (for zh:
+        every run of tokens that decodes to whole characters), and each boundary between two
+        words is snapped to the silence around it (:func:`snap_to_pauses`): DTW puts a word
+        boundary somewhere inside a pause, so without this every gap would be 0. ``chars`` is
+        ``[(word, start_s, end_s), ...]`` from the clip's start (the recogniser's punctuation
+        stays attached to the word it follows); for a language in ``punctuate`` the text
+        becomes :func:`stages.zh_punct.punctuate_by_pauses` of it (Whisper's own marks
+        replaced), other languages keep Whisper's text.
+        """
+        from stages.zh_punct import is_punct, punctuate_by_pauses
+
+        results = self.transcribe(audios, sample_rate, groups=groups)
+        clips = [c[:WINDOW_SAMPLES] for c in _to_16k(audios, sample_rate, truncate=False)]
+        todo = [i for i, r in enumerate(results) if r["text"]]
+        for r in results:
+            r["chars"] = []
+        if not todo:
+            return results
+        encoded = np.asarray(self.model.encode(self._storage([self._mel(clips[i], self.n_frames) for i in todo]),
+                                               to_cpu=True))
+        by_lang: dict[str | None, list[int]] = {}
+        for k, i in enumerate(todo):
+            by_lang.setdefault(results[i]["language"], []).append(k)
+        for lang, ks in by_lang.items():
+            tok = self._tokenizer(lang)
+            texts = [tok.encode(results[todo[k]]["text"]) for k in ks]
+            frames = [min(self.n_frames, -(-len(clips[todo[k]]) // self.features.hop_length)) for k in ks]
+            aligned = self.model.align(self._storage([encoded[k] for k in ks]), list(tok.sot_sequence), texts, frames)
+            for k, ids, al in zip(ks, texts, aligned):
+                i = todo[k]
+                words, word_tokens = tok.split_to_word_tokens(ids + [tok.eot])
+                path = np.asarray(al.alignments, dtype=np.int64).reshape(-1, 2)
+                first = np.searchsorted(path[:, 0], np.arange(len(ids) + 1), side="left")
+                start = path[np.minimum(first, len(path) - 1), 1] / self.positions_per_second
+                bounds = np.concatenate([[0], np.cumsum([len(t) for t in word_tokens])]).astype(int)
+                units: list[list[Any]] = []
+                for w, b0, b1 in zip(words[:-1], bounds[:-1], bounds[1:-1]):
+                    if units and w.strip() and all(is_punct(ch) for ch in w.strip()):
+                        units[-1][0] += w.strip()  # a mark stays with the word it closes
+                        continue
+                    if w.strip():
+                        units.append([w.strip(), float(start[b0]), float(start[min(b1, len(ids))])])
+                timed = snap_to_pauses([tuple(u) for u in units], clips[i], ASR_SAMPLE_RATE)
+                results[i]["chars"] = timed
+                if lang in punctuate:
+                    results[i]["text"] = punctuate_by_pauses(timed)
+                    results[i]["compression_ratio"] = compression_ratio(results[i]["text"])
+        return results
+
+
+def _silent_runs(audio: np.ndarray, sr: int, *, hop_s: float = 0.01, below_db: float = 35.0,
+                 min_s: float = 0.1) -> list[tuple[float, float]]:
+    """(start_s, end_s) of stretches at least ``min_s`` long that are quiet: below the loud
+    level (95th percentile of 10 ms frame levels) by ``below_db``, or within 6 dB of the noise
+    floor (5th percentile) when the floor is higher than that."""
+    hop = max(1, int(hop_s * sr))
+    n = len(audio) // hop
+    if n == 0:
+        return []
+    rms = np.sqrt(np.mean(np.asarray(audio[: n * hop], np.float64).reshape(n, hop) ** 2, axis=1))
+    db = 20 * np.log10(rms + 1e-10)
+    threshold = max(np.percentile(db, 95) - below_db, np.percentile(db, 5) + 6.0)
+    quiet = np.concatenate([[False], db < threshold, [False]])
+    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))
+    runs = [(a * hop_s, b * hop_s) for a, b in zip(edges[::2], edges[1::2])]
+    return [(a, b) for a, b in runs if b - a >= min_s]
+
+
+def snap_to_pauses(
+    words: list[tuple[str, float, float]], audio: np.ndarray, sr: int, *, reach_s: float = 0.3
+) -> list[tuple[str, float, float]]:
+    """Words whose boundaries open onto the silence they were aligned into.
+
+    Alignment gives contiguous words (each ends where the next starts). For each boundary,
+    the quiet stretch of ``audio`` that contains it, or else the nearest one within
+    ``reach_s`` of it, still between the two words' starts and ends, becomes the gap: the
+    first word ends where it begins and the second starts where it ends. Boundaries with no
+    quiet stretch near them stay contiguous (no pause).
+    """
+    if len(words) < 2:
+        return [(w, round(float(s), 3), round(float(e), 3)) for w, s, e in words]
+    runs = _silent_runs(audio, sr)
+    out = [[w, float(s), float(e)] for w, s, e in words]
+    # Silence before the first word and after the last is no pause between words: trim it off.
+    for r0, r1 in runs:
+        if r0 <= out[0][1] < r1 < out[0][2]:
+            out[0][1] = r1
+        if out[-1][1] < r0 < out[-1][2] <= r1:
+            out[-1][2] = r0
+    for a, b in itertools.pairwise(out):
+        t = b[1]
+        lo, hi = a[1], max(b[2], b[1])
+        best, best_d = None, reach_s
+        for r0, r1 in runs:
+            r0, r1 = max(r0, lo), min(r1, hi)
+            if r1 <= r0 or r0 <= lo:  # a pause after the first word starts, not before it
+                continue
+            d = 0.0 if r0 <= t <= r1 else min(abs(r0 - t), abs(r1 - t))
+            if d < best_d or (d == best_d == 0.0 and best is not None and r1 - r0 > best[1] - best[0]):
+                best, best_d = (r0, r1), d
+        if best is not None:
+            a[2], b[1] = best
+            b[2] = max(b[2], b[1])
+    return [(w, round(float(s), 3), round(float(max(e, s)), 3)) for w, s, e in out]
 
 
 class OpenAIWhisperBackend:
