@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Literal
 
@@ -188,3 +189,11 @@ def score_labels(references: dict[str, str], hypotheses: dict[str, str],
                    for lang, keys in sorted(groups.items())}
     return {"total": rates(list(references)), "by_language": by_language,
             "missing": sorted(k for k in references if k not in hypotheses)}
+
+
+def compression_ratio(text: str) -> float:
+    """zlib compression ratio of the text, as Whisper computes it (> 2.4 suggests looping)."""
+    data = text.encode("utf-8")
+    if not data:
+        return 0.0
+    return len(data) / len(zlib.compress(data))

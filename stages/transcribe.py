@@ -22,7 +22,6 @@ same way Whisper's own fallback logic measures them).
 from __future__ import annotations
 
 import itertools
-import zlib
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -30,9 +29,10 @@ import numpy as np
 from pydantic import Field
 
 from kimia_model.audio import resample
-from kimia_model.refs import missing, resolve
+from kimia_model.refs import ModelNotFoundError, missing, resolve
 from stages.base import Row, Stage, StageConfig, StageContext
 from stages.language import Decision, Evidence, PoolingParams, pool_languages
+from stages.textnorm import compression_ratio
 
 ASR_SAMPLE_RATE = 16000
 WINDOW_S = 30.0
@@ -41,6 +41,8 @@ TRANSCRIPT_FIELDS = ("text", "language", "language_prob", "avg_logprob", "no_spe
 #: How the language was decided (language pooling): "speaker" or "segment", and the segment's own
 #: top language and probability, kept for audits.
 LANGUAGE_FIELDS = ("language_source", "language_segment", "language_segment_prob")
+#: Which model labelled the segment, and why it is not the one ``by_language`` names (if not).
+LABELLER_FIELDS = ("labeller", "labeller_note", "chars")
 
 
 class TranscribeConfig(StageConfig):
@@ -126,6 +128,15 @@ class TranscribeConfig(StageConfig):
     input_stream: Literal["original", "enhanced"] = Field(
         "original", description="Which audio stream the ASR hears."
     )
+    by_language: dict[str, Literal["whisper", "paraformer"]] = Field(
+        default_factory=lambda: {"zh": "paraformer"},
+        description="Labeller per decided language, as Kimi-Audio labels Mandarin with Paraformer-zh: "
+        "'whisper' = this section's backend, 'paraformer' = paraformer_model. Languages not listed go "
+        "to the backend; the filter's allow-list then keeps or drops them. Where paraformer_model is "
+        "not staged, its languages fall back to the backend, and for Mandarin with faster-whisper "
+        "the text is punctuated from the pauses between Whisper's timed words; each segment's "
+        "`labeller` field and the run summary say so.",
+    )
     paraformer_model: str | None = Field(
         None,
         description="Paraformer-zh (FunASR) ONNX directory for Mandarin labels with character timestamps, "
@@ -139,14 +150,6 @@ class TranscribeConfig(StageConfig):
         description="kimia backend: GLM-4-Voice tokenizer dir (null: <model>/glm-4-voice-tokenizer, "
         "then <cache_dir>/glm-4-voice-tokenizer).",
     )
-
-
-def compression_ratio(text: str) -> float:
-    """zlib compression ratio of the text, as Whisper computes it (> 2.4 suggests looping)."""
-    data = text.encode("utf-8")
-    if not data:
-        return 0.0
-    return len(data) / len(zlib.compress(data))
 
 
 class AsrBackend(Protocol):
@@ -619,6 +622,7 @@ class FasterWhisperBackend:
         sample_rate: int = ASR_SAMPLE_RATE,
         *,
         groups: list[str] | None = None,
+        languages: list[str] | None = None,
         punctuate: tuple[str, ...] = ("zh",),
     ) -> list[dict[str, Any]]:
         """:meth:`transcribe`, plus timed words in ``chars``, and pause punctuation for Mandarin.
@@ -637,7 +641,7 @@ class FasterWhisperBackend:
         """
         from stages.zh_punct import is_punct, punctuate_by_pauses
 
-        results = self.transcribe(audios, sample_rate, groups=groups)
+        results = self.transcribe(audios, sample_rate, groups=groups, languages=languages)
         clips = [c[:WINDOW_SAMPLES] for c in _to_16k(audios, sample_rate, truncate=False)]
         todo = [i for i, r in enumerate(results) if r["text"]]
         for r in results:
@@ -898,12 +902,16 @@ class TranscribeStage(Stage):
 
     name = "transcribe"
     reads = ("audio", "audio_enhanced", "sample_rate")
-    writes = (*TRANSCRIPT_FIELDS, *LANGUAGE_FIELDS)
+    writes = (*TRANSCRIPT_FIELDS, *LANGUAGE_FIELDS, *LABELLER_FIELDS)
 
     config: TranscribeConfig
 
     def check(self) -> None:
         resolve_asr_model(self.config, self.context)
+        if self.config.paraformer_model and "paraformer" in self.config.by_language.values():
+            from stages.transcribe_paraformer import resolve_paraformer
+
+            resolve_paraformer(self.config, self.context)  # named but absent: one line, before the run
         if self.config.lid_model:
             resolve(self.config.lid_model, "transcribe.lid_model", how=_HOW["faster-whisper"],
                     cache_dir=self.context.cache_dir)  # fmt: skip
@@ -917,6 +925,27 @@ class TranscribeStage(Stage):
         device = self.resolve_device()
         self.asr = build_asr(self.config, self.context, device)
         self.lid = self._build_lid(device)
+        self.labellers, self.fallbacks = self._build_labellers(device)
+
+    def _build_labellers(self, device: str) -> tuple[dict[str, AsrBackend], dict[str, str]]:
+        """The labellers ``by_language`` names besides the backend, and why any fell back.
+
+        A labeller whose weights are not staged is not an error: its languages are labelled by
+        the backend, and the reason travels with every segment it would have labelled.
+        """
+        labellers: dict[str, AsrBackend] = {}
+        fallbacks: dict[str, str] = {}
+        if "paraformer" in self.config.by_language.values():
+            if self.config.paraformer_model is None:
+                fallbacks["paraformer"] = "transcribe.paraformer_model is not set"
+            else:
+                from stages.transcribe_paraformer import build_paraformer
+
+                try:
+                    labellers["paraformer"] = build_paraformer(self.config, self.context, device)
+                except ModelNotFoundError as exc:
+                    fallbacks["paraformer"] = str(exc).splitlines()[0]
+        return labellers, fallbacks
 
     def _build_lid(self, device: str) -> LanguageId | None:
         """The language-ID head the pooled decision reads, or None where none applies.
@@ -978,16 +1007,25 @@ class TranscribeStage(Stage):
         for i, r in enumerate(rows):
             by_rate.setdefault(int(r["sample_rate"]), []).append(i)
         results: list[dict[str, Any] | None] = [None] * len(rows)
+        names: list[str] = [""] * len(rows)
         for sr, idx in by_rate.items():
-            forced = [decisions[i].language for i in idx] if decisions else None
-            kwargs: dict[str, Any] = {
-                "groups": [str(rows[i].get("recording_id") or rows[i].get("source") or "") for i in idx]
-            }
-            if forced and all(forced):
-                kwargs["languages"] = forced
-            outs = self.asr.transcribe([rows[i].get(key, rows[i]["audio"]) for i in idx], sr, **kwargs)
-            for i, o in zip(idx, outs):
-                results[i] = o
+            for route, members in self._routes(idx, decisions).items():
+                forced = [decisions[i].language for i in members] if decisions else None
+                kwargs: dict[str, Any] = {
+                    "groups": [str(rows[i].get("recording_id") or rows[i].get("source") or "") for i in members]
+                }
+                if forced and all(forced) and route != "paraformer":
+                    kwargs["languages"] = forced
+                audios = [rows[i].get(key, rows[i]["audio"]) for i in members]
+                if route == "paraformer":
+                    labeller: Any = self.labellers["paraformer"]
+                    outs, name = labeller.transcribe(audios, sr, **kwargs), labeller.model_id
+                elif route == "timed":
+                    outs, name = self.asr.transcribe_timed(audios, sr, **kwargs), f"{self.asr.model_id}+pauses"
+                else:
+                    outs, name = self.asr.transcribe(audios, sr, **kwargs), self.asr.model_id
+                for i, o in zip(members, outs):
+                    results[i], names[i] = o, name
         out = []
         for i, (r, res) in enumerate(zip(rows, results)):
             row = {**r, **(res or {})}
@@ -1000,5 +1038,29 @@ class TranscribeStage(Stage):
                     language_segment=d.segment_language,
                     language_segment_prob=d.segment_probability,
                 )
+            row["labeller"] = names[i]
+            fallback = getattr(self, "fallbacks", {}).get(self.config.by_language.get(str(row.get("language")), ""), "")
+            if fallback:
+                row["labeller_note"] = f"{self.config.by_language[row['language']]} not used: {fallback}"
             out.append(row)
         return out
+
+    def _routes(self, idx: list[int], decisions: list[Decision] | None) -> dict[str, list[int]]:
+        """Which labeller each segment goes to: "paraformer", "timed" (Whisper with pause
+        punctuation, the Mandarin fallback) or "backend"; input order kept within a route."""
+        routes: dict[str, list[int]] = {}
+        fallbacks = getattr(self, "fallbacks", {})
+        labellers = getattr(self, "labellers", {})
+        for i in idx:
+            lang = decisions[i].language if decisions else (self.config.language or "")
+            wanted = self.config.by_language.get(lang, "whisper")
+            if wanted == "paraformer" and "paraformer" in labellers:
+                route = "paraformer"
+            elif wanted == "paraformer" and "paraformer" in fallbacks and lang == "zh" and hasattr(
+                self.asr, "transcribe_timed"
+            ):
+                route = "timed"
+            else:
+                route = "backend"
+            routes.setdefault(route, []).append(i)
+        return routes

@@ -32,15 +32,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from kimia_model.audio import resample
 from kimia_model.refs import ModelNotFoundError, missing
 from stages.base import StageContext
-from stages.transcribe import ASR_SAMPLE_RATE, TranscribeConfig, compression_ratio
+from stages.textnorm import compression_ratio
 from stages.zh_punct import punctuate_by_pauses
+
+ASR_SAMPLE_RATE = 16000
+
+
+class ParaformerSettings(Protocol):
+    """The transcribe section's fields this module reads (``stages.transcribe.TranscribeConfig``;
+    named structurally so that the transcribe stage can import this module, not the reverse)."""
+
+    paraformer_model: str | None
+    cpu_threads: int
+    num_cpus: float
 
 CONFIG_KEY = "transcribe.paraformer_model"
 MODEL_FILES = ("model_quant.onnx", "model.onnx")
@@ -183,7 +194,7 @@ def _cif_fires(alphas: np.ndarray) -> np.ndarray:
 class ParaformerBackend:
     """Batched Paraformer-zh ONNX inference with character timestamps and pause punctuation."""
 
-    def __init__(self, model_dir: Path, *, device: str = "cpu", config: TranscribeConfig | None = None,
+    def __init__(self, model_dir: Path, *, device: str = "cpu", config: ParaformerSettings | None = None,
                  batch_size: int = 8) -> None:
         import kaldi_native_fbank as knf
         import onnxruntime as ort
@@ -306,7 +317,7 @@ def _empty() -> dict[str, Any]:
             "compression_ratio": 0.0, "chars": []}
 
 
-def resolve_paraformer(config: TranscribeConfig, context: StageContext) -> Path:
+def resolve_paraformer(config: ParaformerSettings, context: StageContext) -> Path:
     """The staged model directory (checked without loading: cheap, for ``check()``)."""
     if not config.paraformer_model:
         raise ModelNotFoundError(f"no Paraformer-zh model configured (config key `{CONFIG_KEY}`). {HOW}")
@@ -318,6 +329,6 @@ def resolve_paraformer(config: TranscribeConfig, context: StageContext) -> Path:
     return path
 
 
-def build_paraformer(config: TranscribeConfig, context: StageContext, device: str = "cpu") -> ParaformerBackend:
+def build_paraformer(config: ParaformerSettings, context: StageContext, device: str = "cpu") -> ParaformerBackend:
     """Load Paraformer-zh from ``transcribe.paraformer_model`` (once per worker)."""
     return ParaformerBackend(resolve_paraformer(config, context), device=device, config=config)

@@ -69,3 +69,59 @@ def test_snap_opens_contiguous_words_onto_the_silence_between_them() -> None:
     assert snapped[0][2] == snapped[1][1] == 0.7  # no silence there: still contiguous
     assert punctuate_by_pauses(snapped) == "今天好" + COMMA + "我们" + PERIOD + "走"
     assert snap_to_pauses(words[:1], audio, sr) == [("今天", 0.0, 0.7)]
+
+
+def _stage_rows(audioeval_dir: Path) -> tuple[list[dict], list[dict]]:
+    from kimia_model.audio import resample
+
+    clips = json.loads((DATA / "clips.json").read_text(encoding="utf-8"))["clips"]
+    rows = []
+    for k, clip in enumerate(clips):
+        audio, sr = sf.read(DATA / clip["file"], dtype="float32")
+        rows.append({"status": "ok", "recording_id": f"zh{k}", "segment_index": 0, "speaker": "S0",
+                     "sample_rate": sr, "duration_s": len(audio) / sr, "audio": audio})  # fmt: skip
+    en, sr = sf.read(audioeval_dir / "en" / "quick_brown_fox.wav", dtype="float32")
+    en = resample(en if en.ndim == 1 else en.mean(axis=1), sr, 16000)
+    rows.append({"status": "ok", "recording_id": "en", "segment_index": 0, "speaker": "S0",
+                 "sample_rate": 16000, "duration_s": len(en) / 16000, "audio": en})  # fmt: skip
+    return rows, clips
+
+
+def test_mandarin_is_routed_to_the_pause_punctuated_fallback_and_english_to_whisper(audioeval_dir: Path) -> None:
+    from stages.transcribe import TranscribeStage
+
+    stage = TranscribeStage(TranscribeConfig(model="pkg:whisper-base", num_cpus=2), StageContext())
+    stage.setup()
+    stage._ready = True
+    rows, clips = _stage_rows(audioeval_dir)
+    out = stage(rows)
+    assert [r["language"] for r in out] == ["zh"] * len(clips) + ["en"]
+    planted = []
+    for r, clip in zip(out, clips):
+        assert r["labeller"] == "faster-whisper:pkg:whisper-base+pauses"
+        assert "paraformer_model" in r["labeller_note"]  # says why Paraformer-zh did not label it
+        assert r["text"] == punctuate_by_pauses(r["chars"])
+        assert cer(clip["text"], r["text"]) <= MAX_CER, r["text"]
+        planted += _planted_marks(r["chars"], clip["pauses"])
+    assert sum(want == got for want, got in planted) >= len(planted) - 1  # >= 5 of 6 pauses
+    assert out[-1]["labeller"] == "faster-whisper:pkg:whisper-base" and "labeller_note" not in out[-1]
+    assert "，" not in out[-1]["text"] and out[-1]["text"]
+
+
+def test_a_staged_paraformer_labels_mandarin_and_only_mandarin(audioeval_dir: Path, tmp_path: Path) -> None:
+    from stages.transcribe import TranscribeStage
+    from tests.test_transcribe_paraformer import make_model_dir
+
+    model = make_model_dir(tmp_path / "tiny-paraformer-zh")
+    stage = TranscribeStage(
+        TranscribeConfig(model="pkg:whisper-base", paraformer_model=str(model), num_cpus=2), StageContext()
+    )
+    stage.setup()
+    stage._ready = True
+    rows, clips = _stage_rows(audioeval_dir)
+    out = stage(rows)
+    assert [r["language"] for r in out] == ["zh"] * len(clips) + ["en"]
+    for r in out[:-1]:
+        assert r["labeller"].startswith("paraformer:") and "labeller_note" not in r
+        assert r["text"] == punctuate_by_pauses(r["chars"])  # random weights: only the form is checked
+    assert out[-1]["labeller"] == "faster-whisper:pkg:whisper-base"

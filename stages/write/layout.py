@@ -53,7 +53,7 @@ from kimia_model.refs import sha256_file
 KEPT = ""
 DROPPED = "dropped"
 #: Nested fields stored as JSON strings in the Parquet index (their shapes vary by stage).
-JSON_COLUMNS = ("provenance", "timings", "source_meta")
+JSON_COLUMNS = ("provenance", "timings", "source_meta", "chars")
 
 
 @dataclass
@@ -70,6 +70,9 @@ class RecordingOutcome:
     drop_reasons: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     quarantine: list[dict[str, Any]] = field(default_factory=list)
+    #: Segments per "language: labeller (why not the configured one)", e.g. Mandarin that fell
+    #: back to Whisper because no Paraformer-zh was staged.
+    labellers: dict[str, int] = field(default_factory=dict)
 
 
 def plain(value: Any) -> Any:

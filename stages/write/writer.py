@@ -256,6 +256,11 @@ class ShardWriter:
         rec_timings = dict(rec.get("timings") or {})
         placed: set[str] = set()
         for key, view in zip(keys, views):
+            if view.get("labeller"):
+                label = f"{view.get('language') or '?'}: {view['labeller']}"
+                if view.get("labeller_note"):
+                    label += f" ({view['labeller_note']})"
+                outcome.labellers[label] = outcome.labellers.get(label, 0) + 1
             drop = view.get("verdict") == "drop"
             if drop:
                 outcome.dropped += 1
@@ -378,6 +383,7 @@ class Summary:
         self.stage_s: dict[str, float] = defaultdict(float)
         self.drops: Counter[str] = Counter()
         self.quarantine: Counter[str] = Counter()
+        self.labellers: Counter[str] = Counter()
 
     def add(self, o: RecordingOutcome) -> None:
         self.recordings += 1
@@ -389,6 +395,7 @@ class Summary:
         for k, v in o.timings.items():
             self.stage_s[k] += v
         self.drops.update(o.drop_reasons)
+        self.labellers.update(o.labellers)
         for q in o.quarantine:
             self.quarantine[f"{q['stage']}: {str(q['error']).split(':')[0]}"] += 1
 
@@ -405,6 +412,7 @@ class Summary:
             "stage_rtf": {k: (round(v / audio_s, 5) if audio_s else None) for k, v in sorted(self.stage_s.items())},
             "drop_reasons": dict(self.drops.most_common()),
             "quarantine_reasons": dict(self.quarantine.most_common()),
+            "labellers": dict(self.labellers.most_common()),
         }
 
 
