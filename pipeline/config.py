@@ -168,6 +168,13 @@ class RunConfig(BaseModel):
             raise PydanticCustomError("literal_secret", _secret_message(dotted))
         return data
 
+    @model_validator(mode="after")
+    def _quality_measures_the_filtered_stream(self) -> RunConfig:
+        """quality.audio_field follows filter.stream unless set: one setting says which stream is judged."""
+        if self.quality.audio_field is None:
+            self.quality.audio_field = "audio_enhanced" if self.filter.stream == "enhanced" else "audio"
+        return self
+
     def config_hash(self) -> str:
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

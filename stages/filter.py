@@ -6,7 +6,8 @@ its index without recomputing a single model. A signal that is absent
 (its stage was disabled) or ``None`` (not measurable, e.g. SNR of digital silence) is not
 checked: a disabled stage must never drop data by accident.
 
-Every failed check adds one reason to ``drop_reasons``; ``verdict`` is ``"drop"`` when there
+Every failed check adds one reason to ``drop_reasons``, and to ``drop_details`` the value that
+failed it beside the bound (``"low_snr: snr_db=3.1 < 10"``); ``verdict`` is ``"drop"`` when there
 is at least one, including reasons an earlier stage put there (``roundtrip`` appends
 ``"roundtrip_wer>0.3"``): the filter is the one place a verdict is set. The writer sends
 dropped rows to ``OUT/dropped/`` when ``keep_dropped`` is set, otherwise only counts them;
@@ -78,7 +79,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -125,6 +126,13 @@ def _opt(default: float | None, description: str, **bounds: float) -> Any:
 class FilterConfig(StageConfig):
     """The ``filter`` section: thresholds per signal (sources in the module docstring)."""
 
+    stream: Literal["enhanced", "original"] = Field(
+        "enhanced",
+        description="Which waveform the quality signals (SNR, DNSMOS, clipping, silence) are measured "
+        "on, and so judged: 'enhanced' = the enhanced stream where enhancement ran (what a trainer "
+        "reading enhanced.flac gets), the original where it did not; 'original' = always audio.flac. "
+        "quality.audio_field, when set, overrides it.",
+    )
     languages: list[str] | None = Field(
         ["en", "zh"],
         description="Allowed Whisper language codes (Kimi-Audio keeps en and zh). None = any language.",
@@ -180,67 +188,76 @@ def _above(value: float | None, bound: float | None) -> bool:
     return value is not None and bound is not None and value > bound
 
 
-def drop_reasons(row: Row, cfg: FilterConfig) -> list[str]:
-    """Every reason ``row`` fails ``cfg``, in :data:`REASONS` order; empty when it passes.
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
 
-    A pure function, so the audit or a notebook can re-threshold an index with it.
 
-    >>> drop_reasons({"duration_s": 5.0, "snr_db": 3.0, "clipping_ratio": 0.2}, FilterConfig())
-    ['low_snr', 'clipping']
+def judge(row: Row, cfg: FilterConfig) -> list[tuple[str, str]]:
+    """Every reason ``row`` fails ``cfg`` with the value that failed it, in :data:`REASONS` order.
+
+    The detail names the field, its value and the bound, so a reviewer sees why without
+    looking the threshold up. A pure function, so the audit or a notebook can re-threshold an
+    index with it.
+
+    >>> judge({"duration_s": 5.0, "snr_db": 3.0, "clipping_ratio": 0.2}, FilterConfig())
+    [('low_snr', 'snr_db=3 < 10'), ('clipping', 'clipping_ratio=0.2 > 0.001')]
     """
-    reasons: list[str] = []
-    dur = _num(row, "duration_s")
-    if _below(dur, cfg.min_duration_s):
-        reasons.append("duration_too_short")
-    if _above(dur, cfg.max_duration_s):
-        reasons.append("duration_too_long")
+    found: list[tuple[str, str]] = []
+
+    def below(reason: str, key: str, bound: float | None, value: float | None = None) -> None:
+        value = _num(row, key) if value is None else value
+        if _below(value, bound):
+            found.append((reason, f"{key}={_fmt(value)} < {_fmt(bound)}"))  # type: ignore[arg-type]
+
+    def above(reason: str, key: str, bound: float | None, value: float | None = None) -> None:
+        value = _num(row, key) if value is None else value
+        if _above(value, bound):
+            found.append((reason, f"{key}={_fmt(value)} > {_fmt(bound)}"))  # type: ignore[arg-type]
+
+    below("duration_too_short", "duration_s", cfg.min_duration_s)
+    above("duration_too_long", "duration_s", cfg.max_duration_s)
 
     lang = row.get("language")
     if cfg.languages is not None and isinstance(lang, str) and lang:
         if lang.lower() not in {x.lower() for x in cfg.languages}:
-            reasons.append("language_not_allowed")
-    if _below(_num(row, "language_prob"), cfg.min_language_prob):
-        reasons.append("low_language_prob")
+            found.append(("language_not_allowed", f"language={lang} not in {','.join(cfg.languages)}"))
+    below("low_language_prob", "language_prob", cfg.min_language_prob)
 
-    if _below(_num(row, "snr_db"), cfg.min_snr_db):
-        reasons.append("low_snr")
+    below("low_snr", "snr_db", cfg.min_snr_db)
     for dim in ("ovrl", "sig", "bak"):
-        if _below(_num(row, f"dnsmos_{dim}"), getattr(cfg, f"min_dnsmos_{dim}")):
-            reasons.append(f"low_dnsmos_{dim}")
-    if _above(_num(row, "clipping_ratio"), cfg.max_clipping_ratio):
-        reasons.append("clipping")
-    if _above(_num(row, "silence_ratio"), cfg.max_silence_ratio):
-        reasons.append("mostly_silence")
+        below(f"low_dnsmos_{dim}", f"dnsmos_{dim}", getattr(cfg, f"min_dnsmos_{dim}"))
+    above("clipping", "clipping_ratio", cfg.max_clipping_ratio)
+    above("mostly_silence", "silence_ratio", cfg.max_silence_ratio)
 
     text = row.get("text")
     has_text = isinstance(text, str) and bool(text.strip())
     if has_text:
-        wps = _num(row, "words_per_s")
-        cps = _num(row, "chars_per_s")
-        if _below(wps, cfg.min_words_per_s):
-            reasons.append("speaking_rate_too_slow")
-        if _above(wps, cfg.max_words_per_s):
-            reasons.append("speaking_rate_too_fast")
-        if _above(cps, cfg.max_chars_per_s):
-            reasons.append("text_too_long_for_duration")
-        if _below(cps, cfg.min_chars_per_s):
-            reasons.append("text_too_short_for_duration")
+        below("speaking_rate_too_slow", "words_per_s", cfg.min_words_per_s)
+        above("speaking_rate_too_fast", "words_per_s", cfg.max_words_per_s)
+        above("text_too_long_for_duration", "chars_per_s", cfg.max_chars_per_s)
+        below("text_too_short_for_duration", "chars_per_s", cfg.min_chars_per_s)
     elif "text" in row and cfg.require_text:
-        reasons.append("empty_transcript")
+        found.append(("empty_transcript", "text=''"))
 
     if has_text:
-        if _above(_num(row, "repeat_ngram_ratio"), cfg.max_repeat_ngram_ratio):
-            reasons.append("repeated_ngrams")
-        ratios = [r for r in (_num(row, "compression_ratio"), _num(row, "text_compression_ratio")) if r is not None]
-        if ratios and _above(max(ratios), cfg.max_compression_ratio):
-            reasons.append("high_compression_ratio")
-        if _above(_num(row, "no_speech_prob"), cfg.max_no_speech_prob):
-            reasons.append("no_speech_with_text")
-    if _below(_num(row, "avg_logprob"), cfg.min_avg_logprob):
-        reasons.append("low_asr_confidence")
-    if _above(_num(row, "rt_wer"), cfg.max_rt_wer):
-        reasons.append("high_roundtrip_wer")
-    return reasons
+        above("repeated_ngrams", "repeat_ngram_ratio", cfg.max_repeat_ngram_ratio)
+        ratios = {k: v for k in ("compression_ratio", "text_compression_ratio") if (v := _num(row, k)) is not None}
+        if ratios:
+            worst = max(ratios, key=lambda k: ratios[k])
+            above("high_compression_ratio", worst, cfg.max_compression_ratio, ratios[worst])
+        above("no_speech_with_text", "no_speech_prob", cfg.max_no_speech_prob)
+    below("low_asr_confidence", "avg_logprob", cfg.min_avg_logprob)
+    above("high_roundtrip_wer", "rt_wer", cfg.max_rt_wer)
+    return found
+
+
+def drop_reasons(row: Row, cfg: FilterConfig) -> list[str]:
+    """Every reason ``row`` fails ``cfg``, in :data:`REASONS` order; empty when it passes.
+
+    >>> drop_reasons({"duration_s": 5.0, "snr_db": 3.0, "clipping_ratio": 0.2}, FilterConfig())
+    ['low_snr', 'clipping']
+    """
+    return [reason for reason, _ in judge(row, cfg)]
 
 
 # -- duplicates ------------------------------------------------------------------------------
@@ -308,6 +325,10 @@ def apply_duplicate(row: Row, original_key: str) -> Row:
     if DUPLICATE_REASON not in reasons:
         reasons.append(DUPLICATE_REASON)
     row["drop_reasons"] = reasons
+    details = list(row.get("drop_details") or [])
+    if not any(d.startswith(f"{DUPLICATE_REASON}:") for d in details):
+        details.append(f"{DUPLICATE_REASON}: duplicate_of={original_key}")
+    row["drop_details"] = details
     row["verdict"] = DROP
     row.setdefault("duplicate_of", original_key)
     return row
@@ -323,7 +344,7 @@ class FilterStage(Stage):
     # Everything the thresholds look at: the transcript signals, the quality stage's
     # measurements (same names, imported so they cannot drift), and round-trip WER.
     reads: ClassVar[tuple[str, ...]] = ("duration_s", *TRANSCRIPT_FIELDS, *QUALITY_FIELDS, "rt_wer")
-    writes: ClassVar[tuple[str, ...]] = ("verdict", "drop_reasons", "duplicate_of")
+    writes: ClassVar[tuple[str, ...]] = ("verdict", "drop_reasons", "drop_details", "duplicate_of")
     uses_model: ClassVar[bool] = False
 
     config: FilterConfig
@@ -335,8 +356,11 @@ class FilterStage(Stage):
             # "roundtrip_wer>0.3"): keep their reasons. The filter's own reasons are recomputed,
             # so running the filter again with new thresholds re-judges instead of accumulating.
             upstream = [r for r in row.get("drop_reasons") or [] if r not in _OWN_REASONS]
-            reasons = list(dict.fromkeys(upstream)) + drop_reasons(row, self.config)
-            out.append({**row, "verdict": DROP if reasons else KEEP, "drop_reasons": reasons})
+            own = judge(row, self.config)
+            reasons = list(dict.fromkeys(upstream)) + [r for r, _ in own]
+            details = [d for d in row.get("drop_details") or [] if d.split(":", 1)[0] not in _OWN_REASONS]
+            details += [f"{r}: {d}" for r, d in own]
+            out.append({**row, "verdict": DROP if reasons else KEEP, "drop_reasons": reasons, "drop_details": details})
         if self.config.dedupe_within_batch:
             tracker = DuplicateTracker()
             for row in out:

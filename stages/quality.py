@@ -56,6 +56,7 @@ TEXT_FIELDS = ("words_per_s", "chars_per_s", "repeat_ngram_ratio", "text_compres
 
 #: Fields this stage writes (the audit and the filter read them by these names).
 QUALITY_FIELDS = (
+    "quality_stream",
     "snr_db",
     "dnsmos_ovrl",
     "dnsmos_sig",
@@ -98,10 +99,12 @@ class QualityConfig(StageConfig):
         "27 s); 9.01 = non-overlapping, same mean score at 1/9 of the cost.",
     )
     onnx_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads per worker.")
-    audio_field: str = Field(
-        "audio",
+    audio_field: str | None = Field(
+        None,
         pattern=r"^(audio|audio_enhanced)$",
-        description="Which waveform to measure: the one written as audio.flac, or the enhanced one.",
+        description="Which waveform to measure: audio (audio.flac) or audio_enhanced (enhanced.flac, "
+        "the original where enhancement did not run). null = as filter.stream says, so the filter "
+        "judges the stream that goes into the shard.",
     )
     silence_threshold_dbfs: float = Field(
         -50.0,
@@ -420,11 +423,13 @@ class QualityStage(Stage):
 
     def _measure(self, row: Row) -> Row:
         cfg = self.config
-        audio = row.get(cfg.audio_field)
-        if audio is None and cfg.audio_field == "audio_enhanced":
-            audio = row.get("audio")  # enhance disabled: measure what will be written
+        field = cfg.audio_field or "audio_enhanced"
+        audio = row.get(field)
+        stream = "enhanced" if field == "audio_enhanced" else "original"
+        if audio is None and field == "audio_enhanced":
+            audio, stream = row.get("audio"), "original"  # enhance disabled: measure what will be written
         if audio is None:
-            raise StageError(f"quality: row has no `{cfg.audio_field}` waveform")
+            raise StageError(f"quality: row has no `{field}` waveform")
         sr = row.get("sample_rate")
         if not isinstance(sr, (int, np.integer)) or sr <= 0:
             raise StageError(f"quality: invalid sample_rate {sr!r}")
@@ -438,6 +443,7 @@ class QualityStage(Stage):
         duration = _num(row.get("duration_s")) or audio.size / sr
 
         out = dict(row)
+        out["quality_stream"] = stream
         out["snr_db"] = wada_snr(audio)
         out["clipping_ratio"] = clipping_ratio(audio, cfg.clip_rel_level)
         out["silence_ratio"] = silence_ratio(audio, int(sr), cfg.silence_threshold_dbfs, cfg.silence_frame_ms)

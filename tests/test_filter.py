@@ -173,3 +173,55 @@ def test_upstream_reasons_are_kept_and_own_reasons_recomputed() -> None:
     assert noisy["drop_reasons"] == ["low_snr"]
     again = FilterStage(FilterConfig(min_snr_db=0.0))([noisy])[0]
     assert again["verdict"] == "keep" and again["drop_reasons"] == []
+
+
+def test_each_drop_names_the_value_and_the_bound() -> None:
+    from stages.filter import FilterStage
+
+    stage = FilterStage(FilterConfig())
+    stage._ready = True
+    (row,) = stage([{"status": "ok", "segment_index": 0, "duration_s": 0.4, "snr_db": 3.25, "language": "fr",
+                     "text": "bonjour", "drop_reasons": ["roundtrip_wer>0.3"]}])  # fmt: skip
+    assert row["verdict"] == "drop"
+    assert row["drop_reasons"][0] == "roundtrip_wer>0.3"  # upstream reasons kept
+    details = dict(d.split(": ", 1) for d in row["drop_details"])
+    assert details["duration_too_short"] == "duration_s=0.4 < 1"
+    assert details["low_snr"] == "snr_db=3.25 < 10"
+    assert details["language_not_allowed"] == "language=fr not in en,zh"
+    assert set(details) == set(row["drop_reasons"]) - {"roundtrip_wer>0.3"}
+    # Judging again re-judges: details do not accumulate.
+    assert stage([row])[0]["drop_details"] == row["drop_details"]
+
+
+def test_the_filter_judges_the_stream_that_goes_into_the_shard(tmp_path) -> None:
+    """Noisy original, clean enhanced: by default the enhanced stream is measured and kept."""
+    import numpy as np
+    import soundfile as sf
+
+    from pipeline.config import RunConfig
+    from stages.filter import FilterStage
+    from stages.quality import QualityStage
+    from tests.conftest import espeak
+
+    clean, sr = sf.read(espeak("The results were checked twice before the data was released.", tmp_path / "s.wav"),
+                        dtype="float32")  # fmt: skip
+    clean = 0.5 * clean / np.max(np.abs(clean))
+    noisy = clean + 0.05 * np.random.default_rng(0).standard_normal(clean.size).astype(np.float32)
+    row = {"status": "ok", "segment_index": 0, "sample_rate": sr, "duration_s": clean.size / sr,
+           "audio": noisy, "audio_enhanced": clean}  # fmt: skip
+    verdicts = {}
+    for stream in ("enhanced", "original"):
+        cfg = RunConfig.model_validate({"quality": {"dnsmos": False}, "filter": {"stream": stream}})
+        assert cfg.quality.audio_field == {"enhanced": "audio_enhanced", "original": "audio"}[stream]
+        quality, filt = QualityStage(cfg.quality), FilterStage(cfg.filter)
+        quality._ready = filt._ready = True
+        (out,) = filt(quality([dict(row)]))
+        assert out["quality_stream"] == stream
+        verdicts[stream] = out
+    assert "low_snr" not in verdicts["enhanced"]["drop_reasons"]
+    assert "low_snr" in verdicts["original"]["drop_reasons"]
+    # Without an enhanced stream, "enhanced" measures the original (what is written).
+    quality = QualityStage(RunConfig.model_validate({"quality": {"dnsmos": False}}).quality)
+    quality._ready = True
+    (plain,) = quality([{k: v for k, v in row.items() if k != "audio_enhanced"}])
+    assert plain["quality_stream"] == "original" and plain["snr_db"] == verdicts["original"]["snr_db"]
