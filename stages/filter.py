@@ -104,6 +104,7 @@ REASONS = (
     "low_dnsmos_bak",
     "clipping",
     "mostly_silence",
+    "mixed_speakers",
     "speaking_rate_too_slow",
     "speaking_rate_too_fast",
     "text_too_long_for_duration",
@@ -150,6 +151,11 @@ class FilterConfig(StageConfig):
     max_words_per_s: float | None = _opt(5.0, "Fastest speaking rate kept, words/s.", gt=0.0)
     min_chars_per_s: float | None = _opt(1.0, "Least transcript per second of audio, letters/s.", ge=0.0)
     max_chars_per_s: float | None = _opt(25.0, "Most transcript per second of audio, letters/s.", gt=0.0)
+    require_single_speaker: bool = Field(
+        True,
+        description="Drop a segment the diarize stage judged to hold more than one voice "
+        "(single_speaker=false). Rows without the field (no diarization) are never checked.",
+    )
     require_text: bool = Field(
         True,
         description="Drop a segment whose transcript is empty when transcription ran (the row has a "
@@ -228,6 +234,10 @@ def judge(row: Row, cfg: FilterConfig) -> list[tuple[str, str]]:
         below(f"low_dnsmos_{dim}", f"dnsmos_{dim}", getattr(cfg, f"min_dnsmos_{dim}"))
     above("clipping", "clipping_ratio", cfg.max_clipping_ratio)
     above("mostly_silence", "silence_ratio", cfg.max_silence_ratio)
+    if cfg.require_single_speaker and row.get("single_speaker") is False:
+        purity = _num(row, "speaker_purity")
+        detail = "single_speaker=false" + (f", speaker_purity={_fmt(purity)}" if purity is not None else "")
+        found.append(("mixed_speakers", detail))
 
     text = row.get("text")
     has_text = isinstance(text, str) and bool(text.strip())

@@ -28,7 +28,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import Field
 
-from kimia_model.audio import resample
+from kimia_model.audio import quiet_runs, resample
 from kimia_model.refs import ModelNotFoundError, missing, resolve
 from stages.base import Row, Stage, StageConfig, StageContext
 from stages.language import Decision, Evidence, PoolingParams, pool_languages
@@ -680,24 +680,6 @@ class FasterWhisperBackend:
         return results
 
 
-def _silent_runs(audio: np.ndarray, sr: int, *, hop_s: float = 0.01, below_db: float = 35.0,
-                 min_s: float = 0.1) -> list[tuple[float, float]]:
-    """(start_s, end_s) of stretches at least ``min_s`` long that are quiet: below the loud
-    level (95th percentile of 10 ms frame levels) by ``below_db``, or within 6 dB of the noise
-    floor (5th percentile) when the floor is higher than that."""
-    hop = max(1, int(hop_s * sr))
-    n = len(audio) // hop
-    if n == 0:
-        return []
-    rms = np.sqrt(np.mean(np.asarray(audio[: n * hop], np.float64).reshape(n, hop) ** 2, axis=1))
-    db = 20 * np.log10(rms + 1e-10)
-    threshold = max(np.percentile(db, 95) - below_db, np.percentile(db, 5) + 6.0)
-    quiet = np.concatenate([[False], db < threshold, [False]])
-    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))
-    runs = [(a * hop_s, b * hop_s) for a, b in zip(edges[::2], edges[1::2])]
-    return [(a, b) for a, b in runs if b - a >= min_s]
-
-
 def snap_to_pauses(
     words: list[tuple[str, float, float]], audio: np.ndarray, sr: int, *, reach_s: float = 0.3
 ) -> list[tuple[str, float, float]]:
@@ -711,7 +693,7 @@ def snap_to_pauses(
     """
     if len(words) < 2:
         return [(w, round(float(s), 3), round(float(e), 3)) for w, s, e in words]
-    runs = _silent_runs(audio, sr)
+    runs = quiet_runs(audio, sr)
     out = [[w, float(s), float(e)] for w, s, e in words]
     # Silence before the first word and after the last is no pause between words: trim it off.
     for r0, r1 in runs:

@@ -400,6 +400,10 @@ class PostprocessReport:
     #: Turns after merging and re-assignment but before segment merging: who speaks when,
     #: without the silences that segment merging bridges (what DER should score).
     speech_turns: list[Turn] = field(default_factory=list)
+    #: The chunks after merging and re-assignment, with their embeddings (rows aligned): what
+    #: the single-speaker check of each final segment reads, so nothing is embedded twice.
+    final_chunks: list[Chunk] = field(default_factory=list)
+    chunk_embeddings: np.ndarray | None = None
 
 
 def postprocess(
@@ -438,6 +442,7 @@ def postprocess(
             new = reassign_chunks(chunks, emb, params.reassign_threshold, similarity)
             report.chunks_reassigned = sum(a.speaker != b.speaker for a, b in zip(chunks, new, strict=True))
             chunks = new
+        report.final_chunks, report.chunk_embeddings = list(chunks), emb
         cur = chunks_to_turns(chunks)
     report.speech_turns = list(cur)
     if params.merge_segments:

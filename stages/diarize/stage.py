@@ -27,6 +27,7 @@ from stages.diarize.postprocess import (
     postprocess,
     remove_overlaps,
 )
+from stages.diarize.cuts import snap_to_pauses, speaker_purity
 from stages.segment import cut_segments
 
 SAMPLE_RATE = 16000
@@ -117,6 +118,19 @@ class DiarizeConfig(StageConfig):
     max_gap_s: float = Field(2.0, ge=0.0, le=60.0, description="Longest silence bridged by a merge (report: 2 s).")
     split_long: bool = Field(True, description="Split single-speaker stretches > max_segment_s at longest pauses.")
     min_piece_s: float = Field(1.0, ge=0.0, le=60.0, description="Shortest piece a long-turn split may leave.")
+    snap_cuts: bool = Field(
+        True,
+        description="Move every segment edge into the nearest pause within snap_reach_s (levels "
+        "relative to the recording), so no sample starts or ends mid-word; each segment's "
+        "clean_cut says whether both edges found a pause (stages/diarize/cuts.py).",
+    )
+    snap_reach_s: float = Field(0.5, ge=0.0, le=2.0, description="How far (s) a segment edge may move to a pause.")
+    check_single_speaker: bool = Field(
+        True,
+        description="Judge each segment's chunks against the speaker centroids: single_speaker=false "
+        "(dropped by the filter as mixed_speakers) when a chunk is below reassign_threshold to its own "
+        "speaker and closer to another's; speaker_purity is the lowest chunk similarity.",
+    )
     overlap: Literal["flag", "exclude"] = Field(
         "flag", description="flag = keep overlapped speech and mark it (overlap, overlap_s); exclude = cut it out."
     )
@@ -273,6 +287,15 @@ class DiarizeStage(Stage):
         turns, report = postprocess(raw.turns, self.embed_chunks(audio16), c.postprocess_params(),
                                     self.similarity(), raw.pauses)  # fmt: skip
         info.update(cluster_merges=len(report.cluster_merges), chunks_reassigned=report.chunks_reassigned)
+        purity = [(None, True)] * len(turns)
+        if c.check_single_speaker and report.chunk_embeddings is not None:
+            purity = speaker_purity(turns, report.final_chunks, report.chunk_embeddings, self.similarity(),
+                                    c.reassign_threshold)  # fmt: skip
+        snapped = snap_to_pauses(turns, audio16, SAMPLE_RATE, c.snap_reach_s) if c.snap_cuts else [
+            (t, None) for t in turns
+        ]  # fmt: skip
+        turns = [t for t, _ in snapped]
+        cut_info = {t: (clean, p, one) for (t, clean), (p, one) in zip(snapped, purity, strict=True)}
         speech = report.speech_turns
         if c.overlap == "exclude":
             turns = remove_overlaps(turns)
@@ -288,6 +311,7 @@ class DiarizeStage(Stage):
             mapping.setdefault(t.speaker, len(mapping))
         info["speech_turns"] = [Turn(t.start, t.end, mapping[t.speaker]) for t in sorted(speech)]
         info["raw_turns"] = raw.turns
+        info["cuts"] = [cut_info.get(t, (None, None, True)) for t, _ in keep]
         return [Turn(t.start, t.end, mapping[t.speaker]) for t, _ in keep], [o for _, o in keep], info
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
@@ -314,5 +338,10 @@ class DiarizeStage(Stage):
         reason = "no speech" if not info.get("dropped_short") else f"no segment >= {c.min_segment_s} s"
         rec = {**row, "duration_s": float(row.get("duration_s") or audio.size / sr)}
         spans = [(t.start, t.end, f"S{t.speaker}") for t in turns]
-        extras = [{"overlap": bool(ov > 0), "overlap_s": float(ov)} for ov in overlaps]
+        cuts = info.get("cuts") or [(None, None, True)] * len(turns)
+        extras = [
+            {"overlap": bool(ov > 0), "overlap_s": float(ov), "clean_cut": clean, "speaker_purity": purity,
+             "single_speaker": bool(one)}
+            for ov, (clean, purity, one) in zip(overlaps, cuts, strict=True)
+        ]  # fmt: skip
         return cut_segments(rec, spans, extras, empty_reason=reason)
