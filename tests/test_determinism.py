@@ -11,6 +11,7 @@ machine, never against a stored transcript.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from pipeline.cli import main
 from stages.write.layout import OutLayout
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPARED = ("start_s", "end_s", "speaker", "language", "text", "verdict", "drop_reasons")
+COMPARED = ("start_s", "end_s", "speaker", "language", "text", "verdict", "drop_reasons", "labeller")
 
 
 def _segments(out: Path) -> dict[tuple[str, int], dict]:
@@ -54,6 +55,9 @@ def _run(corpus: Path, out: Path, *overrides: str) -> dict[tuple[str, int], dict
     return _segments(out)
 
 
+ZH = ROOT / "tests" / "data" / "zh"
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, espeak_conversation, pyannote_sample, english_clips) -> Path:
     d = tmp_path_factory.mktemp("det")
@@ -62,14 +66,22 @@ def corpus(tmp_path_factory, espeak_conversation, pyannote_sample, english_clips
     shutil.copy(pyannote_sample, d / "meeting.wav")
     for p, _ in english_clips[:2]:
         shutil.copy(p, d / p.name)
+    shutil.copy(ZH / "zh_01.flac", d / "zh_01.flac")  # Mandarin in the same run (Whisper fallback)
     return d
 
 
-def test_labels_do_not_depend_on_batching(ray_local, corpus: Path, tmp_path: Path) -> None:
-    small = _run(corpus, tmp_path / "small", "ray.recordings_per_batch=1", "write.batch_size=1",
+@pytest.fixture(scope="module")
+def runs(ray_local, corpus: Path, tmp_path_factory) -> tuple[dict, dict]:
+    tmp = tmp_path_factory.mktemp("det-out")
+    small = _run(corpus, tmp / "small", "ray.recordings_per_batch=1", "write.batch_size=1",
                  "transcribe.batch_size=1", "tokenize.batch_size=1", "quality.batch_size=1")  # fmt: skip
-    large = _run(corpus, tmp_path / "large", "ray.recordings_per_batch=5", "write.batch_size=5",
+    large = _run(corpus, tmp / "large", "ray.recordings_per_batch=6", "write.batch_size=6",
                  "transcribe.batch_size=64", "tokenize.batch_size=64", "quality.batch_size=64")  # fmt: skip
+    return small, large
+
+
+def test_labels_do_not_depend_on_batching(runs: tuple[dict, dict]) -> None:
+    small, large = runs
     assert small.keys() == large.keys() and len(small) >= 8
     differ = {k: (small[k], large[k]) for k in small if small[k] != large[k]}
     assert not differ, differ
@@ -81,3 +93,20 @@ def test_labels_do_not_depend_on_batching(ray_local, corpus: Path, tmp_path: Pat
         a = {k: v for k, v in conv[i].items() if k not in ("verdict", "drop_reasons")}
         b = {k: v for k, v in copy[i].items() if k not in ("verdict", "drop_reasons")}
         assert a == b, (i, a, b)
+
+
+def test_mandarin_in_the_same_run_is_punctuated_from_its_pauses(runs: tuple[dict, dict]) -> None:
+    """zh_01 has a 0.7 s and a 1.4 s pause between its three sentences: comma, then period."""
+    from stages.textnorm import cer
+
+    _, large = runs
+    clip = json.loads((ZH / "clips.json").read_text(encoding="utf-8"))["clips"][0]
+    zh = [r for (src, _), r in sorted(large.items()) if src == "zh_01.flac"]
+    assert zh and all(r["language"] == "zh" for r in zh)
+    assert all(r["labeller"].endswith("+pauses") for r in zh)  # no Paraformer-zh staged: Whisper, timed
+    text = "".join(r["text"] for r in zh if r["verdict"] == "keep")
+    assert text.count("，") >= 1 and text.count("。") >= 1, text
+    assert text.index("，") < text.index("。")
+    assert cer(clip["text"], text) <= 0.3, text
+    en = [r for (src, _), r in large.items() if src in ("counting.wav", "hello_world.wav")]
+    assert en and all(r["language"] == "en" and "+pauses" not in r["labeller"] for r in en)
