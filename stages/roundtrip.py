@@ -2,6 +2,14 @@
 
 Modes (``roundtrip.mode``):
 
+* ``forced`` (default): score the row's ``text`` on the segment's own audio with the ASR's
+  Whisper weights (``stages.label_score``): the label's mean token log-probability teacher-forced
+  on the audio (``min_mean_logprob``: another segment's text, shuffled words), the worst sum over
+  ``window_tokens`` consecutive tokens (``min_window_logprob``: a repeated or inserted phrase),
+  and the probability that the transcript ends where the label ends (``min_eot_logprob``: a
+  truncated label). Optionally (``forced_redecode``) a free re-decode gated by ``max_wer``. The
+  only mode that separates right labels from fluent wrong ones; thresholds and the measured
+  separation are in docs/models.md ("The round-trip verdict").
 * ``label``: synthesize the row's ``text`` with the TTS backend, recognize it with the
   configured ASR, score WER/CER against ``text``. Catches labels that are not speech: Whisper
   hallucination markers ("[Music]", "♪"), the wrong language or script, symbol soup, runaway
@@ -21,7 +29,10 @@ written without spaces are judged by CER alone.
 
 Written per row: ``rt_mode``, ``rt_tts``, ``rt_text``, ``rt_wer``, ``rt_cer``, ``rt_max_wer``,
 ``rt_max_cer``, ``rt_pass`` (None when the row was not checked, with ``rt_skipped`` saying why),
-and failing reasons appended to ``drop_reasons`` (``"roundtrip_wer>0.3"``). The filter stage
+in mode ``forced`` also ``rt_logprob``, ``rt_window_logprob``, ``rt_eot_logprob``,
+``rt_continuation`` (what Whisper says after the label) and ``rt_detail`` (each failed gate with
+its measured value), and failing reasons appended to ``drop_reasons`` (``"roundtrip_wer>0.3"``,
+``"roundtrip_eot<-2.5"``: the threshold, never the value, so reasons count by kind). The filter stage
 sets ``verdict`` from ``drop_reasons`` later.
 """
 
