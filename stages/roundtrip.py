@@ -2,6 +2,14 @@
 
 Modes (``roundtrip.mode``):
 
+* ``forced`` (default): score the row's ``text`` on the segment's own audio with the ASR's
+  Whisper weights (``stages.label_score``): the label's mean token log-probability teacher-forced
+  on the audio (``min_mean_logprob``: another segment's text, shuffled words), the worst sum over
+  ``window_tokens`` consecutive tokens (``min_window_logprob``: a repeated or inserted phrase),
+  and the probability that the transcript ends where the label ends (``min_eot_logprob``: a
+  truncated label). Optionally (``forced_redecode``) a free re-decode gated by ``max_wer``. The
+  only mode that separates right labels from fluent wrong ones; thresholds and the measured
+  separation are in docs/models.md ("The round-trip verdict").
 * ``label``: synthesize the row's ``text`` with the TTS backend, recognize it with the
   configured ASR, score WER/CER against ``text``. Catches labels that are not speech: Whisper
   hallucination markers ("[Music]", "♪"), the wrong language or script, symbol soup, runaway
@@ -21,7 +29,10 @@ written without spaces are judged by CER alone.
 
 Written per row: ``rt_mode``, ``rt_tts``, ``rt_text``, ``rt_wer``, ``rt_cer``, ``rt_max_wer``,
 ``rt_max_cer``, ``rt_pass`` (None when the row was not checked, with ``rt_skipped`` saying why),
-and failing reasons appended to ``drop_reasons`` (``"roundtrip_wer>0.3"``). The filter stage
+in mode ``forced`` also ``rt_logprob``, ``rt_window_logprob``, ``rt_eot_logprob``,
+``rt_continuation`` (what Whisper says after the label) and ``rt_detail`` (each failed gate with
+its measured value), and failing reasons appended to ``drop_reasons`` (``"roundtrip_wer>0.3"``,
+``"roundtrip_eot<-2.5"``: the threshold, never the value, so reasons count by kind). The filter stage
 sets ``verdict`` from ``drop_reasons`` later.
 """
 
@@ -38,6 +49,7 @@ from pydantic import Field, model_validator
 from kimia_model.refs import ModelNotFoundError, missing
 from kimia_model.tts import ESPEAK_BINARY, TokenGenerator, TTSBackend, TTSError, build_tts
 from stages.base import Row, Stage, StageConfig, StageContext, StageError
+from stages.label_score import WhisperLabelScorer
 from stages.textnorm import UNSPACED_LANGUAGES, cer
 from stages.transcribe import TranscribeConfig
 
@@ -57,9 +69,12 @@ def _asr_default() -> TranscribeConfig:
 class RoundtripConfig(StageConfig):
     """Round-trip check settings (config section ``roundtrip``)."""
 
-    mode: Literal["label", "tokens", "audio"] = Field(
-        "label", description="label: TTS of the transcript; tokens: detokenize semantic_tokens; "
-        "audio: the segment's own audio. Each is recognized and scored against the transcript."
+    mode: Literal["forced", "label", "tokens", "audio"] = Field(
+        "forced", description="forced: score the transcript on the segment's own audio (teacher-forced "
+        "log-probs, end-of-text probability and a free re-decode, Whisper via faster-whisper); label: TTS of "
+        "the transcript, re-recognized (only shows the label is speakable); tokens: detokenize "
+        "semantic_tokens, re-recognize; audio: re-recognize the segment's own audio. Scored against the "
+        "transcript."
     )
     tts_backend: Literal["espeak-ng", "kimia"] = Field(
         "espeak-ng", description="TTS for mode=label (kimia needs the LM and the detokenizer)."
@@ -74,6 +89,23 @@ class RoundtripConfig(StageConfig):
         "The ASR's language (asr.language) should match when only one is listed.",
     )
     max_wer: float = Field(0.3, ge=0.0, le=10.0, description="Fail when WER exceeds this (spaced languages).")
+    min_mean_logprob: float = Field(
+        -1.8, le=0.0, description="mode=forced: fail when the label's mean token log-probability, "
+        "teacher-forced on the segment's audio, is below this (another segment's text, shuffled words)."
+    )
+    min_window_logprob: float = Field(
+        -12.0, le=0.0, description="mode=forced: fail when some window_tokens consecutive label tokens sum "
+        "to a log-probability below this (words the audio does not hold: a repeated phrase, an insertion)."
+    )
+    window_tokens: int = Field(3, ge=1, le=16, description="mode=forced: window of min_window_logprob.")
+    min_eot_logprob: float = Field(
+        -2.5, le=0.0, description="mode=forced: fail when log P(end of text | audio, label) is below this: "
+        "the audio goes on after the label (a truncated label)."
+    )
+    forced_redecode: bool = Field(
+        False, description="mode=forced: also decode the audio freely and gate on max_wer / max_cer against "
+        "the label (one more decoder pass; a correct label the recognizer mishears a word of then fails)."
+    )
     max_cer: float | None = Field(
         None, ge=0.0, le=10.0, description="Optional extra CER gate for every language (null = off)."
     )
@@ -158,7 +190,8 @@ class RoundtripStage(Stage):
     name = "roundtrip"
     reads = ("text", "language", "semantic_tokens", "audio", "audio_enhanced", "sample_rate")
     writes = ("rt_mode", "rt_tts", "rt_text", "rt_wer", "rt_cer", "rt_max_wer", "rt_max_cer", "rt_pass",
-              "rt_skipped", "drop_reasons")
+              "rt_skipped", "rt_logprob", "rt_window_logprob", "rt_eot_logprob", "rt_continuation", "rt_detail",
+              "drop_reasons")
 
     config: RoundtripConfig
 
@@ -167,6 +200,7 @@ class RoundtripStage(Stage):
                  generate: TokenGenerator | None = None) -> None:
         super().__init__(config, context)
         self.tts, self.asr, self.detokenizer, self.generate = tts, asr, detokenizer, generate
+        self.scorer: WhisperLabelScorer | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _needs_detokenizer(self) -> bool:
@@ -221,10 +255,20 @@ class RoundtripStage(Stage):
             from stages.transcribe import build_asr
 
             self.asr = build_asr(c.asr, self.context, device)
+        if c.mode == "forced" and self.scorer is None:
+            self.scorer = self._build_scorer()
+
+    def _build_scorer(self) -> WhisperLabelScorer:
+        if not hasattr(self.asr, "model") or not hasattr(self.asr.model, "generate"):
+            raise StageError("roundtrip.mode=forced scores labels with a CTranslate2 Whisper: set "
+                             "roundtrip.asr.backend=faster-whisper")
+        c = self.config
+        return WhisperLabelScorer(self.asr, window=c.window_tokens, redecode=c.forced_redecode)
 
     def model_id(self) -> str:
         c = self.config
-        src = {"label": c.tts_backend, "tokens": f"detokenizer:{c.detokenizer_model}", "audio": "segment"}[c.mode]
+        src = {"label": c.tts_backend, "tokens": f"detokenizer:{c.detokenizer_model}", "audio": "segment",
+               "forced": "segment"}[c.mode]
         return f"{c.mode}:{src}+{c.asr.backend}:{c.asr.model}"
 
     # -- per row ------------------------------------------------------------------------------
@@ -244,6 +288,10 @@ class RoundtripStage(Stage):
             except ValueError as exc:
                 raise StageError(f"cannot detokenize semantic_tokens: {exc}") from exc
             return wav, int(self.detokenizer.sample_rate), "kimia-detokenizer"  # type: ignore[union-attr]
+        return self._segment_audio(row)
+
+    def _segment_audio(self, row: Row) -> tuple[np.ndarray, int, str]:
+        c = self.config
         key = "audio_enhanced" if c.input_stream == "enhanced" and row.get("audio_enhanced") is not None else "audio"
         if row.get(key) is None or "sample_rate" not in row:
             raise StageError("roundtrip.mode=audio but the row has no audio / sample_rate")
@@ -253,13 +301,18 @@ class RoundtripStage(Stage):
         c = self.config
         out: list[Row] = []
         todo: list[tuple[int, np.ndarray, int, str]] = []  # (index in out, audio, sr, language)
+        forced: list[tuple[int, np.ndarray, int, str]] = []
         for row in rows:
             language = row.get("language") or "en"
             new: Row = {**row, "rt_mode": c.mode, "rt_tts": None, "rt_text": None, "rt_wer": None,
-                        "rt_cer": None, "rt_pass": None, "rt_skipped": None,
+                        "rt_cer": None, "rt_pass": None, "rt_skipped": None, "rt_logprob": None,
+                        "rt_window_logprob": None, "rt_eot_logprob": None, "rt_continuation": None,
+                        "rt_detail": None,
                         "rt_max_wer": None if language in UNSPACED_LANGUAGES else c.max_wer,
                         "rt_max_cer": c.max_cer_unspaced if language in UNSPACED_LANGUAGES else c.max_cer,
                         "drop_reasons": list(row.get("drop_reasons") or [])}
+            if c.mode == "forced" and not c.forced_redecode:  # no re-decode, no WER/CER gate
+                new["rt_max_wer"] = new["rt_max_cer"] = None
             out.append(new)
             if c.languages and language not in c.languages:
                 new["rt_skipped"] = f"language {language} not in roundtrip.languages"
@@ -268,6 +321,11 @@ class RoundtripStage(Stage):
                 # Nothing a speaker could say: a non-speech or empty label fails outright.
                 new["rt_pass"] = False
                 new["drop_reasons"].append("roundtrip_no_words")
+                continue
+            if c.mode == "forced":
+                audio, sr, source = self._segment_audio(row)
+                new["rt_tts"] = source
+                forced.append((len(out) - 1, audio, sr, language))
                 continue
             try:
                 audio, sr, source = self._speech(row, language)
@@ -287,7 +345,50 @@ class RoundtripStage(Stage):
                 raise StageError(f"ASR returned {len(results)} results for {len(items)} clips")
             for (i, _, lang), res in zip(items, results):
                 self._judge(out[i], str(res.get("text") or ""), lang)
+        if forced:
+            self._judge_forced(out, forced)
         return out
+
+    def _judge_forced(self, out: list[Row], items: list[tuple[int, np.ndarray, int, str]]) -> None:
+        """Score each label on its own segment's audio; every failed gate names its value."""
+        from kimia_model.audio import resample
+
+        c = self.config
+        if self.scorer is None:
+            self.scorer = self._build_scorer()
+        by_lang: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for i, audio, sr, lang in items:
+            row = out[i]
+            if len(self.scorer.encode(row["text"], lang)) > self.scorer.max_label_tokens():
+                row["rt_skipped"] = f"label longer than {self.scorer.max_label_tokens()} tokens"
+                continue
+            by_lang.setdefault(lang, []).append((i, resample(np.asarray(audio, np.float32), sr, 16000)))
+        for lang, group in by_lang.items():
+            scores = self.scorer.score([a for _, a in group], [out[i]["text"] for i, _ in group], lang)
+            for (i, _), sc in zip(group, scores):
+                row = out[i]
+                row.update(rt_logprob=round(sc.mean_logprob, 4), rt_window_logprob=round(sc.window_logprob, 4),
+                           rt_eot_logprob=round(sc.eot_logprob, 4), rt_continuation=sc.continuation)
+                s: dict[str, Any] = {"wer": 0.0, "cer": 0.0}
+                if sc.hypothesis is not None:
+                    s = score(row["text"], sc.hypothesis, lang)
+                    row.update(rt_text=sc.hypothesis, rt_wer=round(s["wer"], 4), rt_cer=round(s["cer"], 4))
+                gates = [  # (failed, stable reason for drop_reasons, the measured value)
+                    (sc.mean_logprob < c.min_mean_logprob, f"roundtrip_logprob<{c.min_mean_logprob:g}",
+                     f"mean token logprob {sc.mean_logprob:.2f}"),
+                    (sc.window_logprob < c.min_window_logprob, f"roundtrip_window_logprob<{c.min_window_logprob:g}",
+                     f"{c.window_tokens} tokens sum to logprob {sc.window_logprob:.1f}"),
+                    (sc.eot_logprob < c.min_eot_logprob, f"roundtrip_eot<{c.min_eot_logprob:g}",
+                     f"end-of-text logprob {sc.eot_logprob:.2f}, continues {sc.continuation[:40]!r}"),
+                    (sc.hypothesis is not None and row["rt_max_wer"] is not None and s["wer"] > row["rt_max_wer"],
+                     f"roundtrip_wer>{row['rt_max_wer'] or 0:g}", f"WER {s['wer']:.2f} vs {sc.hypothesis[:40]!r}"),
+                    (sc.hypothesis is not None and row["rt_max_cer"] is not None and s["cer"] > row["rt_max_cer"],
+                     f"roundtrip_cer>{row['rt_max_cer'] or 0:g}", f"CER {s['cer']:.2f}"),
+                ]
+                failed = [(reason, value) for bad, reason, value in gates if bad]
+                row["rt_pass"] = not failed
+                row["rt_detail"] = "; ".join(f"{r}: {v}" for r, v in failed) or None
+                row["drop_reasons"].extend(r for r, _ in failed)
 
     def _judge(self, row: Row, hypothesis: str, language: str) -> None:
         s = score(row["text"], hypothesis, language)

@@ -224,3 +224,73 @@ def test_synthesize_corpus_keeps_only_what_round_trips(tmp_path, asr, tts):
     for r in rows:
         assert r["sample_rate"] == 22050 and r["audio"].dtype == np.float32 and r["rt_wer"] <= 0.3
         assert r["source"].startswith(f"synth://espeak-ng/{r['speaker']}/") and len(r["recording_id"]) == 24
+
+
+@pytest.fixture(scope="module")
+def forced_stage():
+    """The default round-trip check (mode=forced) on the packaged Whisper base, loaded once."""
+    stage = RoundtripStage(RoundtripConfig(asr={"language": "en", "beam_size": 1, "cpu_threads": 2}), StageContext())
+    stage.check()
+    stage.setup()
+    return stage
+
+
+def test_forced_check_separates_right_from_wrong_labels_on_real_speech(forced_stage, tts):
+    """8 correct and 8 wrong labels (2 of each kind) on espeak-ng speech in four voices.
+
+    The benchmark (benchmarks/bench_roundtrip.py) measures the same on 100+ labels; here at
+    most one label per side may land on the wrong side of a threshold on some CPU.
+    """
+    import random
+
+    from benchmarks.bench_roundtrip import repeated, shuffled, truncated
+
+    assert forced_stage.config.mode == "forced"  # the default
+    rng = random.Random(0)
+    clips, labels, truth, kinds = [], [], [], []
+    sentences = SENTENCES + ["The museum opened a new exhibition about the history of early recording machines.",
+                             "When the network fails, the job can be started again without losing finished work.",
+                             "The doctor recommended plenty of water, some rest and a short walk every day.",
+                             "They planted tomatoes, beans and a row of sunflowers along the garden fence."]
+    wrong = [("other", lambda i: sentences[(i + 3) % 8]), ("shuffled", lambda i: shuffled(sentences[i], rng)),
+             ("truncated", lambda i: truncated(sentences[i], rng)), ("repeat", lambda i: repeated(sentences[i], rng))]
+    for i, sentence in enumerate(sentences):
+        audio, sr = tts.synthesize(sentence, VOICES[i % len(VOICES)])
+        kind, make = wrong[i % 4]
+        for ok in (True, False):
+            clips.append((audio, sr))
+            labels.append(sentence if ok else make(i))
+            truth.append(ok)
+            kinds.append("correct" if ok else kind)
+    rows = [{"recording_id": f"s{i // 2}", "segment_index": i % 2, "text": t, "language": "en", "status": "ok",
+             "audio": a, "sample_rate": sr} for i, ((a, sr), t) in enumerate(zip(clips, labels))]
+    rows.append({**rows[0], "segment_index": 9, "language": "de"})  # not checked: other language
+    rows.append({**rows[0], "segment_index": 10, "text": "[Music]"})  # no words: fails without scoring
+    out = forced_stage(rows)
+    for r, k in zip(out, kinds):
+        print(f"{k:9} pass={r['rt_pass']!s:5} lp={r['rt_logprob']:6.2f} win={r['rt_window_logprob']:6.1f} "
+              f"eot={r['rt_eot_logprob']:6.2f} {r['text'][:40]!r} {r['rt_detail']}")
+    table = _confusion("forced check (espeak-ng -> Whisper base)", out[:16], truth)
+    assert table[(True, True)] >= 7 and table[(False, False)] >= 7
+    for r, ok, kind in zip(out, truth, kinds):
+        if not ok and not r["rt_pass"]:  # a drop names its gate and the measured value
+            assert r["rt_detail"] and any(x.startswith("roundtrip_") for x in r["drop_reasons"])
+            assert any(ch.isdigit() for ch in r["rt_detail"])
+    # The measurements themselves separate, not only the verdict: means of each side apart.
+    lp = np.array([r["rt_logprob"] for r in out[:16]])
+    eot = np.array([r["rt_eot_logprob"] for r in out[:16]])
+    ok = np.array(truth)
+    assert lp[ok].mean() > -1.0 and eot[ok].min() > -2.5
+    trunc = [r for r, k in zip(out, kinds) if k == "truncated"]
+    assert all(r["rt_eot_logprob"] < -2.5 and r["rt_continuation"] for r in trunc)
+    assert out[16]["rt_pass"] is None and "de" in out[16]["rt_skipped"]
+    assert out[17]["rt_pass"] is False and out[17]["drop_reasons"] == ["roundtrip_no_words"]
+    assert out[0]["rt_wer"] is None and out[0]["rt_max_wer"] is None  # no re-decode by default
+
+
+def test_forced_scorer_tokenizes_like_whisper(forced_stage):
+    # The packaged tokenizer.json lacks the first GPT-2 merge; scoring uses the canonical ids.
+    ids = forced_stage.scorer.encode("next week to review")
+    assert ids == [958, 1243, 281, 3131]
+    with pytest.raises(ValueError, match="tokens"):
+        forced_stage.scorer.score([np.zeros(16000, np.float32)], ["word " * 300])
