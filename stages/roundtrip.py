@@ -381,7 +381,8 @@ class RoundtripStage(Stage):
                     (sc.eot_logprob < c.min_eot_logprob, f"roundtrip_eot<{c.min_eot_logprob:g}",
                      f"end-of-text logprob {sc.eot_logprob:.2f}, continues {sc.continuation[:40]!r}"),
                     (sc.hypothesis is not None and row["rt_max_wer"] is not None and s["wer"] > row["rt_max_wer"],
-                     f"roundtrip_wer>{row['rt_max_wer'] or 0:g}", f"WER {s['wer']:.2f} vs {sc.hypothesis[:40]!r}"),
+                     f"roundtrip_wer>{row['rt_max_wer'] or 0:g}",
+                     f"WER {s['wer']:.2f} vs {(sc.hypothesis or '')[:40]!r}"),
                     (sc.hypothesis is not None and row["rt_max_cer"] is not None and s["cer"] > row["rt_max_cer"],
                      f"roundtrip_cer>{row['rt_max_cer'] or 0:g}", f"CER {s['cer']:.2f}"),
                 ]
