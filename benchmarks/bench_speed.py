@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -50,16 +51,53 @@ LABEL_ONLY = [
 ]
 
 
-def timed(cmd: list[str]) -> float:
-    """Wall seconds of one process; its output is shown only if it fails."""
+def _tree_cpu(root: int) -> dict[tuple[int, str], float]:
+    """CPU seconds (user + system) of ``root`` and its live descendants, from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, str, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        # fields[1] = ppid, [11] utime, [12] stime, [19] start time (ticks since boot)
+        stats[int(entry.name)] = (int(fields[1]), fields[19], (int(fields[11]) + int(fields[12])) / tick)
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, (ppid, _, _) in stats.items():
+        children[ppid].append(pid)
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            out[(pid, stats[pid][1])] = stats[pid][2]
+            todo += children[pid]
+    return out
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds of one process and every process under it (Ray's included).
+
+    CPU time moves less than wall time with other load on the machine. It is polled every
+    0.2 s over the process tree (Ray's workers are not reaped into the driver's rusage), so a
+    process's last 0.2 s, or a process living less than that, is missed. The process's
+    output is shown only if it fails.
+    """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cpu: dict[tuple[int, str], float] = {}
+    while proc.poll() is None:
+        cpu.update(_tree_cpu(proc.pid))
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate()
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        sys.stderr.write(stdout[-4000:] + stderr[-4000:])
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    return dt
+    return dt, sum(cpu.values())
 
 
 def run_texts(out: Path) -> dict[str, str]:
@@ -80,13 +118,13 @@ def score(refs: dict[str, str], hyps: dict[str, str]) -> float:
     return corpus_wer([refs[n] for n in names], [hyps.get(n, "") for n in names])
 
 
-def kimia(folder: Path, out: Path, config: Path, sets: list[str]) -> tuple[float, dict[str, Any]]:
+def kimia(folder: Path, out: Path, config: Path, sets: list[str]) -> tuple[tuple[float, float], dict[str, Any]]:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipeline", "run", "-c", str(config), "-i", str(folder), "-o", str(out), "-q"]
     for s in sets:
         cmd += ["--set", s]
-    wall = timed(cmd)
-    return wall, json.loads((out / "manifest.json").read_text())["summary"]["this_run"]
+    times = timed(cmd)
+    return times, json.loads((out / "manifest.json").read_text())["summary"]["this_run"]
 
 
 def profile_lines(run: dict[str, Any], wall: float, audio_s: float) -> list[str]:
@@ -131,26 +169,27 @@ def main() -> None:
     work = WORK / "bench-speed"
     work.mkdir(parents=True, exist_ok=True)
 
-    rows: list[tuple[str, float, float | None, list[str]]] = []
-    peer_wall = None
+    rows: list[tuple[str, float, float, float | None, list[str]]] = []
+    peer_wall = peer_cpu = None
     if "peer" in only:
         texts_path = work / "peer.json"
-        peer_wall = timed([sys.executable, str(ROOT / "benchmarks" / "peer.py"), str(folder), "--json",
+        peer_wall, peer_cpu = timed([sys.executable, str(ROOT / "benchmarks" / "peer.py"), str(folder), "--json",
                            str(texts_path), "--threads", str(args.threads)])
-        rows.append(("faster-whisper BatchedInferencePipeline", peer_wall,
+        rows.append(("faster-whisper BatchedInferencePipeline", peer_wall, peer_cpu,
                      score(refs, json.loads(texts_path.read_text())) if refs else None, []))
     for key, name, sets in (("label", "kimia-curate label-only", LABEL_ONLY), ("full", "kimia-curate full local", [])):
         if key not in only:
             continue
         out = work / f"out-{key}"
-        wall, run = kimia(folder, out, args.config, sets + args.sets)
-        rows.append((name, wall, score(refs, run_texts(out)) if refs else None, profile_lines(run, wall, audio_s)))
+        (wall, cpu), run = kimia(folder, out, args.config, sets + args.sets)
+        rows.append((name, wall, cpu, score(refs, run_texts(out)) if refs else None, profile_lines(run, wall, audio_s)))
 
-    print(f"{'run':42s} {'wall s':>8s} {'RTF':>7s} {'WER':>7s} {'x peer':>7s}")
-    for name, wall, w, lines in rows:
+    print(f"{'run':42s} {'wall s':>8s} {'RTF':>7s} {'WER':>7s} {'x peer':>7s} {'CPU s':>8s} {'x peer':>7s}")
+    for name, wall, cpu, w, lines in rows:
         ratio = f"{wall / peer_wall:7.2f}" if peer_wall else "      -"
+        cpu_ratio = f"{cpu / peer_cpu:7.2f}" if peer_wall else "      -"
         wer_s = f"{w:7.4f}" if w is not None else "      -"
-        print(f"{name:42s} {wall:8.1f} {wall / audio_s:7.4f} {wer_s} {ratio}")
+        print(f"{name:42s} {wall:8.1f} {wall / audio_s:7.4f} {wer_s} {ratio} {cpu:8.1f} {cpu_ratio}")
         for line in lines:
             print(line)
 
