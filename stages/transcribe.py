@@ -31,7 +31,7 @@ from pydantic import Field
 
 from kimia_model.audio import resample
 from kimia_model.refs import missing, resolve
-from stages.base import Row, Stage, StageConfig, StageContext
+from stages.base import Row, Stage, StageConfig, StageContext, machine_threads
 
 ASR_SAMPLE_RATE = 16000
 WINDOW_S = 30.0
@@ -53,7 +53,10 @@ class TranscribeConfig(StageConfig):
     compute_type: str = Field(
         "auto", description="CTranslate2 compute type: auto = int8 on CPU, float16 on GPU."
     )
-    cpu_threads: int = Field(0, ge=0, le=256, description="CTranslate2 intra-op threads per worker; 0 = num_cpus.")
+    cpu_threads: int = Field(
+        0, ge=0, le=256,
+        description="CTranslate2 intra-op threads per worker; 0 = the node's CPUs as Ray sees them (at most 8).",
+    )
     language: str | None = Field(
         None, description="Force a language code (e.g. en); null detects it per segment."
     )
@@ -260,7 +263,7 @@ class FasterWhisperBackend:
         compute = config.compute_type
         if compute == "auto":
             compute = "float16" if device == "cuda" else "int8"
-        threads = config.cpu_threads or max(1, int(config.num_cpus))
+        threads = machine_threads(config.cpu_threads)
         self.model = ctranslate2.models.Whisper(
             str(model_dir), device=device, compute_type=compute, intra_threads=threads
         )
