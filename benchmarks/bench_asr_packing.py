@@ -33,11 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus import make_corpus
+from peer import run_batched_pipeline
 
 from kimia_model.audio import resample
 from stages.base import StageContext
 from stages.textnorm import corpus_cer, corpus_wer, wer
-from stages.transcribe import TranscribeConfig, build_asr, resolve_asr_model
+from stages.transcribe import TranscribeConfig, build_asr
 
 SR = 16000
 
@@ -66,21 +67,6 @@ def run_segments(
     for i in range(0, len(segments), batch):  # as the stage sees them: batch_size rows per call
         out += asr.transcribe(segments[i : i + batch], SR)
     return out, time.perf_counter() - t0
-
-
-def run_batched_pipeline(recordings: list[np.ndarray], threads: int) -> tuple[list[str], float]:
-    from faster_whisper import BatchedInferencePipeline, WhisperModel
-
-    path = resolve_asr_model(TranscribeConfig(model="pkg:whisper-base"), StageContext())
-    model = WhisperModel(str(path), device="cpu", compute_type="int8", cpu_threads=threads)
-    pipe = BatchedInferencePipeline(model)
-    list(pipe.transcribe(recordings[0][: 5 * SR], batch_size=8, beam_size=5)[0])  # warm-up
-    t0 = time.perf_counter()
-    texts = []
-    for audio in recordings:
-        segments, _info = pipe.transcribe(audio, batch_size=8, beam_size=5)
-        texts.append(" ".join(s.text.strip() for s in segments))
-    return texts, time.perf_counter() - t0
 
 
 def main() -> None:

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -94,6 +96,48 @@ class StageConfig(BaseModel):
         """A short, stable hash of this section, recorded in every sample's provenance."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+#: Most intra-op threads a ``0`` (machine-sized) thread setting resolves to: past this one
+#: model call gains little, and a bigger node is better used by more workers.
+MAX_AUTO_THREADS = 8
+
+
+def node_cpus() -> int:
+    """CPUs of this node as Ray sees them (its ``CPU`` resource), else the ones this process may use.
+
+    Inside a Ray worker or a driver with Ray started, that is the node's ``CPU`` resource
+    (``ray.num_cpus`` for the embedded Ray, the node's ``--num-cpus`` on a cluster); outside
+    Ray it is the process's CPU affinity.
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            here = ray.get_runtime_context().get_node_id()
+            for node in ray.nodes():
+                if node.get("NodeID") == here and node.get("Resources", {}).get("CPU"):
+                    return max(1, int(node["Resources"]["CPU"]))
+        except Exception:  # noqa: BLE001 - a transient GCS hiccup: fall back to the OS view
+            pass
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def machine_threads(requested: int) -> int:
+    """Intra-op threads for one model worker: ``requested``, or for 0 the node's CPUs (<= 8).
+
+    A thread count never changes what a stage outputs (batches and threads only change
+    speed), so a config with ``0`` gives the same labels on any machine while using a
+    2-core laptop and a 32-core node alike.
+
+    >>> machine_threads(3)
+    3
+    >>> 1 <= machine_threads(0) <= MAX_AUTO_THREADS
+    True
+    """
+    return requested if requested > 0 else min(node_cpus(), MAX_AUTO_THREADS)
 
 
 @dataclass(frozen=True)

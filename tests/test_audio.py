@@ -54,3 +54,16 @@ def test_flac_round_trip_is_lossless_at_16_bit() -> None:
     y, sr = decode_bytes(encode_flac(x, 16000))
     assert sr == 16000 and y.shape == x.shape
     assert np.max(np.abs(y - x)) < 1.0 / 32768 + 1e-6
+
+
+@pytest.mark.parametrize("sr,seconds", [(16000, 3.0), (48000, 2.3), (22050, 0.45), (16000, 40.0)])
+def test_measure_lufs_matches_pyloudnorm(sr: int, seconds: float) -> None:
+    """The numpy BS.1770 meter gives pyloudnorm's integrated loudness (same filters, blocks, gates)."""
+    import pyloudnorm
+
+    rng = np.random.default_rng(sr)
+    n = int(sr * seconds)
+    envelope = np.where(np.arange(n) % sr < sr // 2, 1.0, 0.01)  # loud and near-silent halves: both gates act
+    x = (rng.standard_normal(n) * 0.1 * envelope).astype(np.float32)
+    ref = pyloudnorm.Meter(sr).integrated_loudness(x.astype(np.float64))
+    assert measure_lufs(x, sr) == pytest.approx(ref, abs=1e-6)

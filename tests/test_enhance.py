@@ -211,3 +211,28 @@ def test_gpu_requested_but_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(DeviceUnavailableError) as err:
         stage.check()
     assert "GPU" in str(err.value) and "\n" not in str(err.value)
+
+
+# -- enhance.when -------------------------------------------------------------------------
+
+
+def test_when_noisy_enhances_only_noisy_recordings(speech16k: np.ndarray) -> None:
+    """noisy: a recording at 5 dB is enhanced, the same speech clean is passed through untouched."""
+    stage = EnhanceStage(EnhanceConfig(backend="deepfilternet3", when="noisy"))
+    clean, noisy = speech16k, _white_at(speech16k, 5.0)
+    out_clean, out_noisy = stage([_row(clean, 16000, "clean"), _row(noisy, 16000, "noisy")])
+    assert "audio_enhanced" not in out_clean and out_clean["audio"] is not None
+    assert out_clean["enhance_snr_db"] >= stage.config.noisy_below_snr_db
+    assert out_noisy["enhance_snr_db"] < stage.config.noisy_below_snr_db
+    assert out_noisy["audio_enhanced"].shape == noisy.shape
+    # the enhanced stream is what "always" gives for the same recording
+    always = EnhanceStage(EnhanceConfig(backend="deepfilternet3"))([_row(noisy, 16000, "noisy")])[0]
+    np.testing.assert_array_equal(out_noisy["audio_enhanced"], always["audio_enhanced"])
+    assert out_clean["provenance"]["enhance"]["model"] == out_noisy["provenance"]["enhance"]["model"]
+
+
+def test_when_never_loads_no_model_and_passes_rows_through(speech16k: np.ndarray) -> None:
+    stage = EnhanceStage(EnhanceConfig(backend="deepfilternet3", when="never"))
+    (out,) = stage([_row(_white_at(speech16k, 0.0), 16000)])
+    assert "audio_enhanced" not in out and stage._backend is None
+

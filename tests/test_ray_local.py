@@ -193,11 +193,15 @@ def test_embedded_kwargs_and_a_cluster_join_leaves_the_node_address_alone(monkey
 
     for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED"):
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")  # restored after the test
     fake = _FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)
     init_ray(RunConfig.model_validate({"ray": {"num_cpus": 2}}), None)
     (kw,) = fake.calls
     assert kw["_node_ip_address"] == "127.0.0.1" and kw["address"] == "local" and kw["include_dashboard"] is False
+    # Workers inherit the project on PYTHONPATH; no job runtime_env (which would bar prestarted workers).
+    root = str(Path(__file__).resolve().parent.parent)
+    assert os.environ["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"] and "runtime_env" not in kw
     assert kw["log_to_driver"] is False and kw["num_cpus"] == 2
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
     init_ray(RunConfig(), None)  # already initialised: nothing more

@@ -81,3 +81,20 @@ def test_noise_only_recording_becomes_one_empty_row(tmp_path: Path) -> None:
     (rec,) = DecodeStage(DecodeConfig())([{"source": str(p), "status": "ok"}])
     (row,) = SegmentStage(SegmentConfig())([rec])
     assert row["status"] == STATUS_EMPTY and row["reason"] == "no speech found"
+
+
+def test_sequence_vad_gives_the_streaming_models_regions(pyannote_sample: Path) -> None:
+    """stages.vad runs Silero's sequence ONNX model; its regions are the streaming JIT model's."""
+    import torch
+    from silero_vad import get_speech_timestamps, load_silero_vad
+
+    from stages.vad import SileroVAD
+
+    audio, sr = sf.read(pyannote_sample, dtype="float32")
+    kw = {"threshold": 0.5, "min_speech_s": 0.25, "min_silence_s": 0.3, "speech_pad_s": 0.1}
+    ours = SileroVAD().speech_regions(audio, sr, **kw)
+    stamps = get_speech_timestamps(torch.from_numpy(audio), load_silero_vad(onnx=False), threshold=0.5,
+                                   sampling_rate=16000, min_speech_duration_ms=250, min_silence_duration_ms=300,
+                                   speech_pad_ms=100)
+    assert len(ours) >= 2
+    assert ours == [(s["start"] / 16000, s["end"] / 16000) for s in stamps]

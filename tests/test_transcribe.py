@@ -312,3 +312,14 @@ def test_long_and_silent_segments_fall_back_to_their_own_window(english_clips) -
     assert packed[2]["no_speech_prob"] != packed[0]["no_speech_prob"]
     assert packed[2]["language"] == "en"  # forced
     assert _wer(english_clips[2][1], packed[0]["text"]) <= 0.1
+
+
+def test_segment_alone_in_its_window_is_labelled_as_unpacked(english_clips) -> None:
+    """A packed window with one segment skips alignment: text and avg_logprob are the decoder's."""
+    audios = [sf.read(p, dtype="float32")[0] for p, _ in english_clips[:1]]
+    packed = build_asr(TranscribeConfig(model="pkg:whisper-base", language="en"), StageContext())
+    unpacked = build_asr(TranscribeConfig(model="pkg:whisper-base", language="en", pack_windows=False), StageContext())
+    (a,) = packed.transcribe(audios, 16000, groups=["rec"])
+    (b,) = unpacked.transcribe(audios, 16000, groups=["rec"])
+    assert _wer(b["text"], a["text"]) <= 0.05, (a["text"], b["text"])
+    assert a["avg_logprob"] == pytest.approx(b["avg_logprob"], abs=0.02)

@@ -333,3 +333,23 @@ def test_fit_codebook_writes_what_the_tokenizer_loads(tmp_path: Path) -> None:
     tok = WhisperVQTokenizer.load(pt, tmp_path / "cb.safetensors")
     out = tok([speechlike(2 * SR)])[0].tokens
     assert len(out) == 25 and out.max() < 16
+
+
+def test_packed_windows_keep_token_counts_and_lone_segments(tmp_path: Path) -> None:
+    """Packing (bench_tokenize_packing.py) gives every utterance its exact token count, never
+    mixes groups, and an utterance alone in its window gets exactly its unpacked tokens."""
+    pt = save_openai_pt(tmp_path / "w.pt")
+    cb = CodebookFile(np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32), pool_layer=1)
+    cb.save(tmp_path / "cb.safetensors")
+    plain = WhisperVQTokenizer.load(pt, tmp_path / "cb.safetensors")
+    packed = WhisperVQTokenizer.load(pt, tmp_path / "cb.safetensors", pack_gap_s=0.5)
+    lengths = [3 * SR, 1281, 31 * SR, 2 * SR + 17, 29 * SR]
+    audios = [speechlike(n, seed=20 + i) for i, n in enumerate(lengths)]
+    groups = ["a", "a", "a", "b", "a"]
+    ref = plain(audios, features=True)
+    out = packed(audios, features=True, groups=groups)
+    for n, o in zip(lengths, out):
+        assert o.tokens.shape == (token_count(n),) and o.features.shape[0] == token_count(n)
+    # 31 s is never packed, "b" is alone in its group, 29 s does not fit after the first two
+    for i in (2, 3, 4):
+        np.testing.assert_array_equal(out[i].tokens, ref[i].tokens)

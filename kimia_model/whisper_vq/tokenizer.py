@@ -58,6 +58,7 @@ class WhisperVQTokenizer:
         max_batch_windows: int = 8,
         device: str = "cpu",
         model_id: str = "whisper-vq",
+        pack_gap_s: float | None = None,
     ) -> None:
         self.encoder = encoder.to(device).eval()
         if encoder.external_codebook is not None:
@@ -67,6 +68,10 @@ class WhisperVQTokenizer:
         self.max_batch_windows = max_batch_windows
         self.device = device
         self.model_id = model_id
+        # Packing applies to "full" padding only: "multiple" pads a window just to its length.
+        self.pack_gap = None
+        if pack_gap_s is not None and self.padding == "full":
+            self.pack_gap = tokens_in_window(int(round(pack_gap_s * 16000))) * SAMPLES_PER_TOKEN
 
     @classmethod
     def load(
@@ -104,8 +109,17 @@ class WhisperVQTokenizer:
         features: bool = False,
         feature_layer: int | None = None,
         pooled: bool = False,
+        groups: Sequence[str] | None = None,
     ) -> list[TokenizerOutput]:
         """Tokenize 16 kHz mono waveforms (any lengths, including 0).
+
+        With ``pack_gap_s`` set (and ``"full"`` padding), utterances of one group (a
+        recording) that fit in a window share 30 s windows: each starts on the token grid
+        (a multiple of 1280 samples) after ``pack_gap_s`` of silence, and takes the tokens and
+        features at its own positions. The encoder then runs once per shared window instead
+        of once per padded utterance; what changes for an utterance is only that attention
+        also sees its neighbours (its own samples, and the zeros after them up to the next
+        utterance, are the same). Utterances of different groups never share a window.
 
         Args:
             audios: float waveforms at 16 kHz.
@@ -118,21 +132,28 @@ class WhisperVQTokenizer:
         if tokens and not enc.has_tokens:
             raise CheckpointError("this encoder has no codebook: pass a codebook file to tokenize")
         layer = (enc.num_layers if feature_layer is None else feature_layer) if features else None
-        jobs: list[tuple[int, int, np.ndarray, int]] = []  # (item, window index, padded, length)
+        # A job is one encoder window: (padded audio, [(item, window index, token offset, length)]).
+        jobs: list[tuple[np.ndarray, list[tuple[int, int, int, int]]]] = []
+        packable: dict[str, list[tuple[int, np.ndarray]]] = {}
         for i, audio in enumerate(audios):
             a = np.asarray(audio, dtype=np.float32)
             if a.ndim != 1:
                 raise ValueError(f"audio {i} must be mono 1-D, got shape {a.shape}")
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"audio {i} contains NaN or infinite samples")
+            if self.pack_gap is not None and 0 < len(a) <= WINDOW_SAMPLES:
+                packable.setdefault(groups[i] if groups is not None else "", []).append((i, a))
+                continue
             for w, (s, e) in enumerate(window_bounds(len(a))):
                 padded, n = self._prepare(a[s:e])
-                jobs.append((i, w, padded, n))
+                jobs.append((padded, [(i, w, 0, n)]))
+        for members in packable.values():
+            jobs += self._packed_jobs(members)
         parts: dict[tuple[int, int], TokenizerOutput] = {}
         # Equal padded lengths only: a window then sees exactly the shapes it would alone.
-        by_len: dict[int, list[tuple[int, int, np.ndarray, int]]] = {}
+        by_len: dict[int, list[tuple[np.ndarray, list[tuple[int, int, int, int]]]]] = {}
         for job in jobs:
-            by_len.setdefault(len(job[2]), []).append(job)
+            by_len.setdefault(len(job[0]), []).append(job)
         for plen in sorted(by_len):
             group = by_len[plen]
             for start in range(0, len(group), self.max_batch_windows):
@@ -155,9 +176,27 @@ class WhisperVQTokenizer:
             results.append(out)
         return results
 
+    def _packed_jobs(self, members: list[tuple[int, np.ndarray]]) -> list[tuple[np.ndarray, list[tuple[int, int, int, int]]]]:
+        """Greedy, in input order: an utterance that does not fit after the last one opens a window."""
+        assert self.pack_gap is not None
+        jobs: list[tuple[np.ndarray, list[tuple[int, int, int, int]]]] = []
+        buf, placed, used = np.zeros(WINDOW_SAMPLES, np.float32), [], 0
+        for i, a in members:
+            slot = tokens_in_window(len(a)) * SAMPLES_PER_TOKEN
+            start = used + self.pack_gap if placed else 0
+            if placed and start + len(a) > WINDOW_SAMPLES:
+                jobs.append((buf, placed))
+                buf, placed, start = np.zeros(WINDOW_SAMPLES, np.float32), [], 0
+            buf[start : start + len(a)] = a
+            placed.append((i, 0, start // SAMPLES_PER_TOKEN, len(a)))
+            used = start + slot
+        if placed:
+            jobs.append((buf, placed))
+        return jobs
+
     def _run_chunk(
         self,
-        chunk: list[tuple[int, int, np.ndarray, int]],
+        chunk: list[tuple[np.ndarray, list[tuple[int, int, int, int]]]],
         parts: dict[tuple[int, int], TokenizerOutput],
         *,
         tokens: bool,
@@ -165,23 +204,24 @@ class WhisperVQTokenizer:
         pooled: bool,
     ) -> None:
         enc = self.encoder
-        wav = torch.from_numpy(np.stack([c[2] for c in chunk])).to(self.device)
+        wav = torch.from_numpy(np.stack([c[0] for c in chunk])).to(self.device)
         mel = enc.mel(wav)
         frame_mask = None
         if self.padding == "multiple":
             # Real 100 Hz frames: ceil(L / 160), the HF extractor's sample mask subsampled by hop.
             n_frames = mel.shape[-1]
-            lengths = torch.tensor([-(-c[3] // HOP_LENGTH) for c in chunk], device=self.device)
+            lengths = torch.tensor([-(-c[1][0][3] // HOP_LENGTH) for c in chunk], device=self.device)
             frame_mask = torch.arange(n_frames, device=self.device)[None, :] < lengths[:, None]
         res = enc.encode(mel, frame_mask, feature_layer=layer, want_pooled=pooled, want_tokens=tokens)
-        for b, (item, w, _, n) in enumerate(chunk):
-            t = tokens_in_window(n)
-            out = TokenizerOutput()
-            if tokens:
-                out.tokens = res.tokens[b, :t].cpu().numpy().astype(np.int32)
-            if layer is not None:
-                f = res.features[b, : POOL * t]
-                out.features = f.reshape(t, POOL * f.shape[-1]).float().cpu().numpy()
-            if pooled:
-                out.pooled = res.pooled[b, :t].float().cpu().numpy()
-            parts[(item, w)] = out
+        for b, (_, members) in enumerate(chunk):
+            for item, w, k, n in members:
+                t = tokens_in_window(n)
+                out = TokenizerOutput()
+                if tokens:
+                    out.tokens = res.tokens[b, k : k + t].cpu().numpy().astype(np.int32)
+                if layer is not None:
+                    f = res.features[b, POOL * k : POOL * (k + t)]
+                    out.features = f.reshape(t, POOL * f.shape[-1]).float().cpu().numpy()
+                if pooled:
+                    out.pooled = res.pooled[b, k : k + t].float().cpu().numpy()
+                parts[(item, w)] = out

@@ -1,0 +1,198 @@
+"""Speed beside faster-whisper: labelling only, and the full local profile, whole processes.
+
+On the same files and the same CTranslate2 Whisper weights (``pkg:whisper-base``), one after
+the other, each as its own process so start-up (imports, Ray, model loads) is counted:
+
+* **peer**: faster-whisper's ``BatchedInferencePipeline`` (Silero VAD, batch 8, beam 5,
+  ``benchmarks/peer.py``), the speed to beat;
+* **label-only**: ``kimia-curate run`` with decode, VAD segmentation, transcribe and write
+  (enhance, diarize, tokenize, quality and filter off);
+* **full**: ``kimia-curate run -c configs/local.yaml``.
+
+Printed per run: wall time, real-time factor (wall / audio seconds), corpus WER against the
+generated transcripts (``stages.textnorm.corpus_wer``, every segment's label whether the
+filter kept it or not), the ratio to the peer's wall time, and from the run's manifest each
+stage's busy time and RTF and the framework overhead (``pipeline.run.stage_profile``).
+
+    .venv/bin/python benchmarks/bench_speed.py              # ~8 min of espeak-ng speech, cached
+    .venv/bin/python benchmarks/bench_speed.py --quick      # ~2 min
+    .venv/bin/python benchmarks/bench_speed.py --input DIR --refs refs.json   # your corpus
+    .venv/bin/python benchmarks/bench_speed.py --only label --set transcribe.beam_size=1
+
+Timings are of one run each on whatever else the machine is doing: repeat on a quiet machine
+before comparing small differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from corpus import WORK, make_corpus  # noqa: E402
+
+from stages.textnorm import corpus_wer  # noqa: E402
+
+LABEL_ONLY = [
+    "enhance.enabled=false", "diarize.enabled=false", "segment.enabled=true", "tokenize.enabled=false",
+    "quality.enabled=false", "filter.enabled=false", "roundtrip.enabled=false",
+]
+
+
+def _tree_cpu(root: int) -> dict[tuple[int, str], float]:
+    """CPU seconds (user + system) of ``root`` and its live descendants, from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, str, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        # fields[1] = ppid, [11] utime, [12] stime, [19] start time (ticks since boot)
+        stats[int(entry.name)] = (int(fields[1]), fields[19], (int(fields[11]) + int(fields[12])) / tick)
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, (ppid, _, _) in stats.items():
+        children[ppid].append(pid)
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            out[(pid, stats[pid][1])] = stats[pid][2]
+            todo += children[pid]
+    return out
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds of one process and every process under it (Ray's included).
+
+    CPU time moves less than wall time with other load on the machine. It is polled every
+    0.2 s over the process tree (Ray's workers are not reaped into the driver's rusage), so a
+    process's last 0.2 s, or a process living less than that, is missed. The process's
+    output is shown only if it fails.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cpu: dict[tuple[int, str], float] = {}
+    while proc.poll() is None:
+        cpu.update(_tree_cpu(proc.pid))
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate()
+    dt = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(stdout[-4000:] + stderr[-4000:])
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    return dt, sum(cpu.values())
+
+
+def run_texts(out: Path) -> dict[str, str]:
+    """Per input file name, its segments' labels joined in order (kept and dropped alike)."""
+    from stages.write import OutLayout
+
+    layout = OutLayout(out)
+    segs: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for shard in layout.committed_shards():
+        table = layout.read_index(shard).to_pylist()
+        for row in table:
+            segs[Path(str(row["source"])).name].append((int(row["segment_index"]), row.get("text") or ""))
+    return {name: " ".join(t for _, t in sorted(items)) for name, items in segs.items()}
+
+
+def score(refs: dict[str, str], hyps: dict[str, str]) -> float:
+    names = sorted(refs)
+    return corpus_wer([refs[n] for n in names], [hyps.get(n, "") for n in names])
+
+
+def kimia(folder: Path, out: Path, config: Path, sets: list[str]) -> tuple[tuple[float, float], dict[str, Any]]:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pipeline", "run", "-c", str(config), "-i", str(folder), "-o", str(out), "-q"]
+    for s in sets:
+        cmd += ["--set", s]
+    times = timed(cmd)
+    return times, json.loads((out / "manifest.json").read_text())["summary"]["this_run"]
+
+
+def profile_lines(run: dict[str, Any], wall: float, audio_s: float) -> list[str]:
+    prof = run.get("profile") or {}
+    lines = []
+    for name, st in (prof.get("stages") or {}).items():
+        lines.append(f"    {name:11s} busy {st['busy_s']:7.1f} s  RTF {st['rtf']:.4f}  x{st['workers']} workers")
+    inner = run.get("wall_seconds") or 0.0
+    lines.append(f"    overhead    {prof.get('overhead_s', 0):7.1f} s of the run's own {inner:.1f} s "
+                 f"({100 * (prof.get('overhead_share') or 0):.0f} %; busiest stage {prof.get('busiest')}); "
+                 f"process start-up and exit {wall - inner:.1f} s")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="about 2 minutes of audio instead of 8")
+    ap.add_argument("--minutes", type=float, default=None, help="generated corpus size (default 8, --quick 2)")
+    ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument("--input", type=Path, default=None, help="a folder of .wav/.flac instead of the generated corpus")
+    ap.add_argument("--refs", type=Path, default=None, help='with --input: JSON {"file name": "transcript"}')
+    ap.add_argument("--only", choices=["peer", "label", "full"], action="append", default=None,
+                    help="run only these (repeatable); default all three")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "local.yaml")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra override for both kimia-curate runs")
+    ap.add_argument("--threads", type=int, default=2, help="peer's CTranslate2 threads")
+    args = ap.parse_args()
+
+    import soundfile as sf
+
+    if args.input:
+        folder = args.input
+        refs = json.loads(args.refs.read_text()) if args.refs else {}
+    else:
+        minutes = args.minutes or (2.0 if args.quick else 8.0)
+        folder, meta = make_corpus(minutes=minutes, seed=args.seed, name=f"speed-{minutes:g}min-{args.seed}")
+        refs = {rec["file"]: " ".join(t[3] for t in rec["turns"]) for rec in meta}
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".wav", ".flac"))
+    audio_s = sum(sf.info(p).duration for p in files)
+    print(f"corpus: {len(files)} files, {audio_s:.1f} s of audio in {folder}; {os.cpu_count()} CPUs")
+    only = set(args.only or ["peer", "label", "full"])
+    work = WORK / "bench-speed"
+    work.mkdir(parents=True, exist_ok=True)
+
+    rows: list[tuple[str, float, float, float | None, list[str]]] = []
+    peer_wall = peer_cpu = None
+    if "peer" in only:
+        texts_path = work / "peer.json"
+        peer_wall, peer_cpu = timed([sys.executable, str(ROOT / "benchmarks" / "peer.py"), str(folder), "--json",
+                           str(texts_path), "--threads", str(args.threads)])
+        rows.append(("faster-whisper BatchedInferencePipeline", peer_wall, peer_cpu,
+                     score(refs, json.loads(texts_path.read_text())) if refs else None, []))
+    for key, name, sets in (("label", "kimia-curate label-only", LABEL_ONLY), ("full", "kimia-curate full local", [])):
+        if key not in only:
+            continue
+        out = work / f"out-{key}"
+        (wall, cpu), run = kimia(folder, out, args.config, sets + args.sets)
+        rows.append((name, wall, cpu, score(refs, run_texts(out)) if refs else None, profile_lines(run, wall, audio_s)))
+
+    print(f"{'run':42s} {'wall s':>8s} {'RTF':>7s} {'WER':>7s} {'x peer':>7s} {'CPU s':>8s} {'x peer':>7s}")
+    for name, wall, cpu, w, lines in rows:
+        ratio = f"{wall / peer_wall:7.2f}" if peer_wall else "      -"
+        cpu_ratio = f"{cpu / peer_cpu:7.2f}" if peer_wall else "      -"
+        wer_s = f"{w:7.4f}" if w is not None else "      -"
+        print(f"{name:42s} {wall:8.1f} {wall / audio_s:7.4f} {wer_s} {ratio} {cpu:8.1f} {cpu_ratio}")
+        for line in lines:
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
