@@ -319,6 +319,10 @@ def calibrate(convs, sample, embedder, out_dir: Path | None, name: str = "resemb
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         np.save(out_dir / f"{name}_mean.npy", mean.astype(np.float32))
+        old = out_dir / f"{name}.json"
+        if old.exists():  # keep the one-voice test's floors (set from the count experiments)
+            prev = json.loads(old.read_text())
+            points.update({k: v for k, v in prev.items() if k.startswith("single_")})
         (out_dir / f"{name}.json").write_text(json.dumps(points, indent=1) + "\n")
         report["saved"] = str(out_dir)
     return report
