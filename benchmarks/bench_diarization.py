@@ -10,6 +10,11 @@ pyannote's shipped ``sample.wav`` against ``sample.rttm``.
     .venv/bin/python benchmarks/bench_diarization.py --quick    # 4 conversations
     .venv/bin/python benchmarks/bench_diarization.py --calibrate   # measure embedder calibration
     .venv/bin/python benchmarks/bench_diarization.py --pyannote DIR  # add a real pyannote pipeline
+    .venv/bin/python benchmarks/bench_diarization.py --embedders resemblyzer,voicefilter
+        # issue-12 table per embedder: 9 conversations (2-4 voices, 60-150 s), pyannote's
+        # sample, 9 single-voice espeak clips (5-120 s) + 27 audioeval clips: DER, exact
+        # speaker-count rate, one-speaker rate on single voices, RTF
+    .venv/bin/python benchmarks/bench_diarization.py --calibrate --embedders voicefilter
 
 Backends: ``offline`` with the packaged resemblyzer embedder always; ``pyannote`` only with
 ``--pyannote DIR`` (real weights are not reachable here). ``--pyannote-random`` times the
