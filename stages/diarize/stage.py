@@ -62,7 +62,7 @@ class DiarizeConfig(StageConfig):
         "measures better), speechbrain ECAPA or pyannote WeSpeaker (local dir).",
     )
     embedding_model: str = Field(
-        "", description="Local model directory for embedding=speechbrain|pyannote; unused for resemblyzer."
+        "", description="Local model directory for embedding=speechbrain|pyannote; unused for the packaged resemblyzer and voicefilter."
     )
     calibration: Literal["auto", "none"] = Field(
         "auto",
