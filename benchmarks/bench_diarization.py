@@ -177,7 +177,7 @@ def brief_conversations(quick: bool, cache: Path) -> list[tuple[str, np.ndarray,
     ]  # fmt: skip
     out = []
     for i, (v, snr) in enumerate(grid):
-        audio, ref = make_conversation(2000 + i, v, snr, n_turns=26 + 4 * v, cache=cache)
+        audio, ref = make_conversation(2000 + i, v, snr, n_turns=6 + 4 * v, cache=cache)
         out.append((f"brief{i:02d}_v{v}_{'clean' if snr is None else f'{snr:g}dB'}", audio, ref))
     return out
 
