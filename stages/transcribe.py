@@ -519,8 +519,7 @@ class FasterWhisperBackend:
                 buf[a:b] = clips[m]
             mels.append(self._mel(buf, self.n_frames))
         window_languages = list(dict.fromkeys(lang for lang, _, _ in windows))
-        several_languages = len(window_languages) > 1
-        encoded = self.model.encode(self._storage(mels), to_cpu=several_languages)
+        encoded = self.model.encode(self._storage(mels), to_cpu=len(window_languages) > 1)
 
         toks = {lang: self._tokenizer(lang) for lang in window_languages}
         prompts = [
@@ -544,14 +543,22 @@ class FasterWhisperBackend:
         texts = [[t for t in res.sequences_ids[0] if t < eot] for res in results]
 
         alignments: list[Any] = [None] * len(windows)
-        encoded_np = np.asarray(encoded) if several_languages else None
+        encoded_np: np.ndarray | None = None
         for lang in window_languages:
             # A window holding one segment needs no word timing: all its words are that
             # segment's, so it skips the alignment pass (a decoder pass over the text).
             todo = [w for w, (wl, members, _) in enumerate(windows) if wl == lang and texts[w] and len(members) > 1]
             if not todo:
                 continue
-            feats = encoded if encoded_np is None else self._storage([encoded_np[w] for w in todo])
+            if len(todo) == len(windows):
+                feats = encoded
+            else:  # the encoder output of these windows only (host copy, as CTranslate2 takes it)
+                if encoded_np is None:
+                    import ctranslate2
+
+                    host = encoded if str(encoded.device) == "cpu" else encoded.to_device(ctranslate2.Device.cpu)
+                    encoded_np = np.asarray(host)
+                feats = self._storage([encoded_np[w] for w in todo])
             frames = [
                 min(self.n_frames, -(-windows[w][2][-1][1] // self.features.hop_length)) for w in todo
             ]  # speech frames up to the end of the window's last segment

@@ -323,3 +323,14 @@ def test_segment_alone_in_its_window_is_labelled_as_unpacked(english_clips) -> N
     (b,) = unpacked.transcribe(audios, 16000, groups=["rec"])
     assert _wer(b["text"], a["text"]) <= 0.05, (a["text"], b["text"])
     assert a["avg_logprob"] == pytest.approx(b["avg_logprob"], abs=0.02)
+
+
+def test_batch_mixing_shared_and_lone_windows(base_asr, english_clips) -> None:
+    """One recording's short clips share a window, another's lone clip has its own: the
+    shared window is aligned and the lone one is not, in one call, each getting its words."""
+    audios = [sf.read(p, dtype="float32")[0] for p, _ in english_clips[:3]]
+    refs = [r for _, r in english_clips[:3]]
+    assert sum(len(a) for a in audios[:2]) + 16000 <= WINDOW_SAMPLES
+    out = base_asr.transcribe(audios, 16000, groups=["a", "a", "b"])
+    for ref, res in zip(refs, out):
+        assert _wer(ref, res["text"]) <= 0.25, (ref, res["text"])
