@@ -162,23 +162,9 @@ def spectral_cluster(
         return np.zeros(0, int)
     if n < 3 or max_speakers == 1 or num_speakers == 1:
         return np.zeros(n, int)
-    x = l2_normalize(embeddings)
-    sim = x @ x.T
-    # At least MIN_NEIGHBOURS neighbours per row: on a short recording (a handful of windows)
-    # a 20 % pruning leaves one or two links per window, the graph falls apart into fragments
-    # and the eigengap reports one "speaker" per fragment (a 6 s single-voice file came out as
-    # five speakers).
-    keep = min(n - 1, max(MIN_NEIGHBOURS, int(math.ceil(pruning * n))))
-    # Row-wise keep the `keep` largest similarities; argpartition is O(N) per row.
-    idx = np.argpartition(-sim, keep - 1, axis=1)[:, :keep]
-    aff = np.zeros_like(sim)
-    rows = np.arange(n)[:, None]
-    aff[rows, idx] = sim[rows, idx]
-    aff = np.maximum((aff + aff.T) / 2, 0.0)
-    np.fill_diagonal(aff, 0.0)
-    deg = aff.sum(axis=1)
-    dinv = 1.0 / np.sqrt(np.maximum(deg, 1e-10))
-    lap = np.eye(n) - dinv[:, None] * aff * dinv[None, :]
+    # A 6 s single-voice file once came out as five speakers on a sparser graph: see
+    # pruned_laplacian for why each window keeps at least MIN_NEIGHBOURS links.
+    lap = pruned_laplacian(l2_normalize(embeddings), pruning)
     kmax = min(max_speakers, n - 1)
     vals, vecs = eigh(lap, subset_by_index=[0, min(n - 1, kmax)])
     if num_speakers:
