@@ -83,7 +83,11 @@ def preflight(cfg: RunConfig, stages: list[Stage]) -> None:
     """Cross-stage checks and every stage's own ``check()``, before any work."""
     enhanced = any(s.name == "enhance" for s in stages)
     for s in stages:
+        # quality.audio_field is not checked: it measures the original where no enhanced
+        # stream exists (what is written), which is also what enhance.when=noisy relies on.
         stream = getattr(s.config, "input_stream", None) or getattr(s.config, "audio_field", "audio")
+        if s.name == "quality":
+            stream = "audio"
         if stream in ("enhanced", "audio_enhanced") and not enhanced:
             raise PreflightError(f"{s.name} reads the enhanced stream but the enhance stage is disabled (enhance.enabled)")
     for s in stages:
