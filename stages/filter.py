@@ -21,8 +21,13 @@ threshold                       default         source
 ==============================  ==============  ===================================================
 languages                       en, zh          Kimi-Audio report: LID with Whisper-large-v3, keeps
                                                 only English and Mandarin (pre-training data)
-min_language_prob               0.8             Emilia-Pipe ``asr``: language kept when prob > 0.8
-                                                (Granary uses 0.7)
+min_language_prob               0.5             measured here: ``language_prob`` is the pooled
+                                                probability (transcribe.language_pooling), so 0.5
+                                                = the decided language is more likely than not. A
+                                                lone 1 s clip's own Whisper probability swings with
+                                                40 ms of leading silence (0.93 / 0.79 on "Hello
+                                                world"); Emilia-Pipe's per-segment 0.8 (Granary 0.7)
+                                                assumes no pooling
 min_duration_s                  1.0             Emilia-Pipe ``cut_by_speaker_label``: segments
                                                 < 1 s are dropped
 max_duration_s                  30.0            Emilia-Pipe MAX_SEGMENT_LENGTH = 30 s; also
@@ -138,7 +143,11 @@ class FilterConfig(StageConfig):
         ["en", "zh"],
         description="Allowed Whisper language codes (Kimi-Audio keeps en and zh). None = any language.",
     )
-    min_language_prob: float | None = _opt(0.8, "Minimum language-ID probability.", ge=0.0, le=1.0)
+    min_language_prob: float | None = _opt(
+        0.5, "Minimum pooled language-ID probability (transcribe.language_pooling): the decided language is "
+        "more likely than not. A segment is otherwise dropped for language only when its own strong evidence "
+        "names a language outside `languages`.", ge=0.0, le=1.0,
+    )
     min_duration_s: float | None = _opt(1.0, "Shortest segment kept, seconds.", ge=0.0)
     max_duration_s: float | None = _opt(30.0, "Longest segment kept, seconds.", gt=0.0)
     min_snr_db: float | None = _opt(10.0, "Minimum WADA-SNR, dB.", ge=-20.0, le=100.0)
@@ -319,8 +328,13 @@ class DuplicateTracker:
         return next(mark_duplicates([(key, fp)], self._seen))[1]
 
     def apply(self, row: Row) -> Row:
-        """Check a segment row and, when it duplicates an earlier one, drop it (in place)."""
-        if row.get("segment_index") is None or row.get("recording_id") is None:
+        """Check a segment row and, when it duplicates an earlier one, drop it (in place).
+
+        Only a row still to be kept takes part, as in the writer's run-wide check: a row
+        already dropped for another reason neither registers (a dropped copy must not condemn a
+        later good one) nor gets a duplicate reason that would depend on what shared its batch.
+        """
+        if row.get("segment_index") is None or row.get("recording_id") is None or row.get("verdict") == DROP:
             return row
         key = sample_key(str(row["recording_id"]), int(row["segment_index"]))
         orig = self.check(key, row.get("audio_fp"))

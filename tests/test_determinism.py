@@ -83,7 +83,8 @@ def runs(ray_local, corpus: Path, tmp_path_factory) -> tuple[dict, dict]:
 def test_labels_do_not_depend_on_batching(runs: tuple[dict, dict]) -> None:
     small, large = runs
     assert small.keys() == large.keys() and len(small) >= 8
-    differ = {k: (small[k], large[k]) for k in small if small[k] != large[k]}
+    differ = {k: {f: (small[k][f], large[k][f]) for f in small[k] if small[k][f] != large[k][f]}
+              for k in small if small[k] != large[k]}
     assert not differ, differ
 
     conv = {i: r for (src, i), r in large.items() if src == "a_conversation.wav"}

@@ -47,7 +47,7 @@ DEFECTS = [
     ({"duration_s": 0.6}, "duration_too_short"),
     ({"duration_s": 45.0}, "duration_too_long"),
     ({"language": "de"}, "language_not_allowed"),
-    ({"language_prob": 0.5}, "low_language_prob"),
+    ({"language_prob": 0.4}, "low_language_prob"),
     ({"snr_db": 4.0}, "low_snr"),
     ({"dnsmos_ovrl": 1.9}, "low_dnsmos_ovrl"),
     ({"clipping_ratio": 0.02}, "clipping"),

@@ -15,6 +15,8 @@ ROOT = base.Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("cpus,want", [(1, 1), (2, 2), (6, 6), (64, MAX_AUTO_THREADS)])
 def test_zero_threads_follow_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch, cpus: int, want: int) -> None:
     monkeypatch.setattr(base.os, "sched_getaffinity", lambda _pid: set(range(cpus)))
+    # Outside Ray: an embedded Ray another test left running would answer with its own CPUs.
+    monkeypatch.delitem(base.sys.modules, "ray", raising=False)
     assert machine_threads(0) == want
     assert machine_threads(3) == 3  # an explicit setting wins on any machine
 

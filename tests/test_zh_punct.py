@@ -109,16 +109,16 @@ _RECOGNIZER_MARKS = st.sampled_from(["，", "。", "？", "！", "、", ",", "."
 def _timed(draw: st.DrawFn, with_punct: bool) -> list[tuple[str, float, float]]:
     """Characters in time order with random gaps (overlaps, boundaries and long pauses included)."""
     n = draw(st.integers(0, 25))
-    t = draw(st.floats(0, 100, allow_nan=False))
+    t = draw(st.floats(0, 100, allow_nan=False, allow_subnormal=False))
     units: list[tuple[str, float, float]] = []
     for _ in range(n):
         if with_punct and draw(st.booleans()):
             units.append((draw(_RECOGNIZER_MARKS), t, t))
             continue
         gap = draw(st.one_of(st.sampled_from([0.0, 0.49, 0.5, 0.51, 0.99, 1.0, 1.01]),
-                             st.floats(-0.1, 3.0, allow_nan=False)))
+                             st.floats(-0.1, 3.0, allow_nan=False, allow_subnormal=False)))
         start = max(t + gap, 0.0)
-        end = start + draw(st.floats(0.0, 0.5, allow_nan=False))
+        end = start + draw(st.floats(0.0, 0.5, allow_nan=False, allow_subnormal=False))
         units.append((draw(_HAN), start, end))
         t = end
     return units
@@ -150,7 +150,7 @@ def test_marks_are_exactly_the_pauses(units: list[tuple[str, float, float]]) -> 
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.floats(-1.0, 5.0, allow_nan=False), st.floats(0.0, 2.0, allow_nan=False))
+@given(st.floats(-1.0, 5.0, allow_nan=False, allow_subnormal=False), st.floats(0.0, 2.0, allow_nan=False, allow_subnormal=False))
 def test_a_longer_pause_never_gets_a_weaker_mark(gap: float, extra: float) -> None:
     rank = {"": 0, COMMA: 1, PERIOD: 2}
     assert rank[pause_mark(gap)] <= rank[pause_mark(gap + extra)]

@@ -35,28 +35,33 @@ _INSET_S = 0.03
 
 
 def _snap(t: float, runs: list[tuple[float, float]], reach: float, levels: np.ndarray, hop_s: float,
-          lo: float, hi: float) -> tuple[float, bool]:  # fmt: skip
-    """One edge: into the nearest pause within ``reach``, else the quietest frame nearby."""
+          direction: int) -> tuple[float, bool]:  # fmt: skip
+    """One edge: kept if already in a pause, else moved into the nearest pause within ``reach``
+    on the allowed side (``direction`` -1: earlier only, +1: later only, 0: either), else to
+    the quietest frame there if it is clearly quieter (a gap between words), else kept."""
+    for a, b in runs:
+        if a <= t <= b:
+            return t, True
     best: tuple[float, float] | None = None
     for a, b in runs:
-        if b < t - reach or a > t + reach:
+        if b < t - reach or a > t + reach or (direction < 0 and a > t) or (direction > 0 and b < t):
             continue
         inside = min(max(t, a + _INSET_S), b - _INSET_S) if b - a > 2 * _INSET_S else (a + b) / 2
         dist = abs(inside - t)
         if best is None or dist < best[0]:
             best = (dist, inside)
     if best is not None:
-        return round(min(max(best[1], lo), hi), 3), True
-    i0 = max(0, int((t - reach) / hop_s))
-    i1 = min(len(levels), int((t + reach) / hop_s) + 1)
+        return round(best[1], 3), True
     here = min(max(int(t / hop_s), 0), len(levels) - 1)
-    if i1 <= i0 or here < 0:
+    i0 = here if direction > 0 else max(0, int((t - reach) / hop_s))
+    i1 = here + 1 if direction < 0 else min(len(levels), int((t + reach) / hop_s) + 1)
+    if i1 <= i0 or len(levels) == 0:
         return t, False
     k = i0 + int(np.argmin(levels[i0:i1]))
     # Only a clearly quieter frame (6 dB) is a gap between words; else the edge stays put.
     if levels[k] > 0.5 * levels[here]:
         return t, False
-    return round(min(max((k + 0.5) * hop_s, lo), hi), 3), False
+    return round((k + 0.5) * hop_s, 3), False
 
 
 def snap_to_pauses(
@@ -64,8 +69,11 @@ def snap_to_pauses(
 ) -> list[tuple[Turn, bool]]:
     """Each turn with its edges moved into pauses, and whether both edges found one.
 
-    Two turns that share an edge (a speaker change with no pause) move it to the same point,
-    so no speech is lost or given to both. A turn never shrinks below a third of its length.
+    An edge already in a pause stays. Otherwise a start only moves earlier and an end only
+    later (a turn grows into the silence around its words, never loses a word), except where
+    two turns share the edge (a speaker change with no pause): that edge moves to the nearest
+    pause on either side, the same point for both turns, so no speech is lost or given to
+    both.
 
     Args:
         turns: sorted turns (seconds).
@@ -78,21 +86,24 @@ def snap_to_pauses(
     frames = np.asarray(audio[: n * hop], np.float64).reshape(n, hop) if n else np.zeros((0, hop))
     levels = np.sqrt(np.mean(frames**2, axis=1)) if n else np.zeros(0)
     duration = len(audio) / sr
-    cache: dict[float, tuple[float, bool]] = {}
+    starts = {t.start for t in turns}
+    ends = {t.end for t in turns}
+    cache: dict[tuple[float, int], tuple[float, bool]] = {}
     out = []
     for t in turns:
-        keep = (t.end - t.start) / 3
         edges = []
-        for edge, lo, hi in ((t.start, 0.0, t.start + keep), (t.end, t.end - keep, duration)):
+        for edge, outward in ((t.start, -1), (t.end, 1)):
             if edge <= 0.0 or edge >= duration:  # the recording's own edges are not cuts
                 edges.append((edge, True))
                 continue
-            if edge not in cache:
-                cache[edge] = _snap(edge, runs, reach_s, levels, hop / sr, 0.0, duration)
-            moved, clean = cache[edge]
-            edges.append((min(max(moved, lo), hi), clean))
+            direction = 0 if (edge in starts and edge in ends) else outward
+            if (edge, direction) not in cache:
+                cache[(edge, direction)] = _snap(edge, runs, reach_s, levels, hop / sr, direction)
+            edges.append(cache[(edge, direction)])
         (start, c0), (end, c1) = edges
-        out.append((replace(t, start=start, end=end), c0 and c1))
+        if end - start < 0.5 * (t.end - t.start):  # a shared edge moved too far: keep the turn
+            start, end, c0, c1 = t.start, t.end, False, False
+        out.append((replace(t, start=min(max(start, 0.0), duration), end=min(max(end, 0.0), duration)), c0 and c1))
     return out
 
 
