@@ -66,7 +66,11 @@ def test_output_layout_and_inspect(finished_run: Path) -> None:
     assert len(kept | dropped) == 5 and report["recordings"] == len(kept) >= 4
     assert main(["inspect", str(finished_run)]) == 0
     rows = _index_rows(finished_run)
-    assert all({"audio.flac", "enhanced.flac", "json"} <= set(r["members"]) for r in rows)
+    assert all({"audio.flac", "json"} <= set(r["members"]) for r in rows)
+    # enhance.when=noisy: enhanced.flac exactly where the recording's WADA-SNR was under 20 dB.
+    for r in rows:
+        noisy = r["enhance_snr_db"] is not None and r["enhance_snr_db"] < 20.0
+        assert ("enhanced.flac" in r["members"]) == noisy, (r["source"], r["enhance_snr_db"])
     assert all(set(json.loads(r["provenance"])) >= {"decode", "enhance", "diarize", "transcribe"} for r in rows)
 
 
