@@ -394,5 +394,7 @@ def test_kimia_labels_carry_the_language_id_models_decision(model_dir: Path, aud
         rows.append({"status": "ok", "recording_id": rec, "segment_index": 0, "speaker": "S0",
                      "sample_rate": 16000, "duration_s": len(a) / 16000, "audio": a})  # fmt: skip
     out = stage(rows)
-    assert [r["language"] for r in out] == ["es", "en"]
+    # Each clip is far from the boundary (Whisper alone: es 0.98, en 0.95), so each decision is a
+    # property of the language head, not of one CPU's rounding.
+    assert out[0]["language"] == "es" and out[1]["language"] == "en"
     assert all(r["language_prob"] > 0.8 and r["language_source"] == "speaker" for r in out)
