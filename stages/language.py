@@ -133,8 +133,9 @@ def _log_pool(
     total = sum(w for w, _ in items)
     rate = {lang: 0.0 for lang in langs}
     for w, probs in items:
+        full = _with_rest(probs)
         for lang in langs:
-            rate[lang] += w * math.log(max(float(_with_rest(probs).get(lang, 0.0)), FLOOR))
+            rate[lang] += w * math.log(max(float(full.get(lang, 0.0)), FLOOR))
     if total > 0:
         rate = {lang: v / total for lang, v in rate.items()}
     weight = total + (prior_s if prior else 0.0)

@@ -22,7 +22,9 @@ same way Whisper's own fallback logic measures them).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -903,6 +905,11 @@ class TranscribeStage(Stage):
     writes = (*TRANSCRIPT_FIELDS, *LANGUAGE_FIELDS, *LABELLER_FIELDS)
 
     config: TranscribeConfig
+    # What setup() loads; None / empty until then, so a stage given a backend directly (tests,
+    # benchmarks) decides per segment and routes everything to that backend.
+    lid: LanguageId | None = None
+    labellers: Mapping[str, AsrBackend] = MappingProxyType({})
+    fallbacks: Mapping[str, str] = MappingProxyType({})
 
     def check(self) -> None:
         resolve_asr_model(self.config, self.context)
@@ -972,7 +979,7 @@ class TranscribeStage(Stage):
         return f"{self.config.backend}:{self.config.model}"
 
     def _decide_languages(self, rows: list[Row], key: str) -> list[Decision] | None:
-        if getattr(self, "lid", None) is None:
+        if self.lid is None:
             return None
         probs: list[dict[str, float]] = [{} for _ in rows]
         by_rate: dict[int, list[int]] = {}
@@ -1037,7 +1044,7 @@ class TranscribeStage(Stage):
                     language_segment_prob=d.segment_probability,
                 )
             row["labeller"] = names[i]
-            fallback = getattr(self, "fallbacks", {}).get(self.config.by_language.get(str(row.get("language")), ""), "")
+            fallback = self.fallbacks.get(self.config.by_language.get(str(row.get("language")), ""), "")
             if fallback:
                 row["labeller_note"] = f"{self.config.by_language[row['language']]} not used: {fallback}"
             out.append(row)
@@ -1047,8 +1054,7 @@ class TranscribeStage(Stage):
         """Which labeller each segment goes to: "paraformer", "timed" (Whisper with pause
         punctuation, the Mandarin fallback) or "backend"; input order kept within a route."""
         routes: dict[str, list[int]] = {}
-        fallbacks = getattr(self, "fallbacks", {})
-        labellers = getattr(self, "labellers", {})
+        fallbacks, labellers = self.fallbacks, self.labellers
         for i in idx:
             lang = decisions[i].language if decisions else (self.config.language or "")
             wanted = self.config.by_language.get(lang, "whisper")
