@@ -269,6 +269,7 @@ def fit_codebook(
     use_ray: bool | None = None,
     cache_dir: Path | None = None,
     max_batch_windows: int = 4,
+    padding: str = "multiple",
 ) -> dict[str, Any]:
     """Learn a codebook from pooled features of a Whisper checkpoint over a sample of audio.
 
@@ -283,6 +284,10 @@ def fit_codebook(
         batch_size, iterations, max_samples, seed, use_ray: see :func:`fit_kmeans`.
         cache_dir: model cache for ``pkg:`` and bare names.
         max_batch_windows: 30 s windows per encoder call.
+        padding: how each (at most 30 s) window is padded before the encoder, recorded in the
+            file so the tokenizer pads the same way: ``multiple`` (to the next 1280 samples,
+            padded frames masked; a 5 s segment costs a 5 s encoder pass) or ``full`` (zeros
+            to 30 s, Whisper's training input; every segment costs a 30 s pass).
 
     Returns:
         A report: path, size, dim, pool layer, files, hours, vectors, usage, perplexity,
@@ -309,7 +314,9 @@ def fit_codebook(
     enc = load_encoder(path)
     layer = enc.num_layers if pool_layer is None else pool_layer
     enc.set_pool_layer(layer)
-    tok = WhisperVQTokenizer(enc, padding="full", max_batch_windows=max_batch_windows, model_id=model_ref)
+    if padding not in ("multiple", "full"):
+        raise ValueError(f"padding must be multiple or full, not {padding!r}")
+    tok = WhisperVQTokenizer(enc, padding=padding, max_batch_windows=max_batch_windows, model_id=model_ref)
     files = list(iter_audio_files(inputs))
     if not files:
         raise ValueError(f"no audio files in {', '.join(map(str, inputs))}")
@@ -341,6 +348,7 @@ def fit_codebook(
         "size": size,
         "dim": int(res.centers.shape[1]),
         "pool_layer": layer,
+        "padding": padding,
         "files": stats["files"],
         "hours": stats["samples"] / SAMPLE_RATE / 3600,
         "vectors": res.n_samples,
@@ -351,6 +359,6 @@ def fit_codebook(
     }
     meta = {k: str(v) for k, v in report.items() if k not in ("path",)}
     meta["whisper_model"] = model_ref
-    CodebookFile(res.centers, layer, "avg", meta).save(Path(out))
+    CodebookFile(res.centers, layer, "avg", meta, padding).save(Path(out))
     report["seconds"] = time.perf_counter() - t0
     return report

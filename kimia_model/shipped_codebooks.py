@@ -1,7 +1,7 @@
 """Codebooks shipped with kimia-curate, installed into the model cache on first use.
 
 The local profile tokenizes with Whisper base and a k-means codebook (``tokenize.codebook:
-whisper-base-1024``). So that its default output carries semantic tokens with no manual step,
+whisper-base-1024-trim``). So that its default output carries semantic tokens with no manual step,
 that codebook ships inside this package (``kimia_model/data/codebooks/``) and
 :func:`ensure_codebook` copies it to ``<models.cache_dir>/codebooks/<name>.safetensors`` the
 first time a run needs it, with ``<name>.json`` beside it saying how it was made, from what,
@@ -13,8 +13,14 @@ different codebook and tokens that do not mean the same thing across machines. A
 is the same bytes everywhere (one sha256, one provenance id), and installing it costs a file
 copy. ``scripts/fit_default_codebook.py`` is how the shipped file was fitted.
 
-What it is, honestly: k-means (1024 codes) on pooled Whisper-base encoder features of a few
-minutes of speech (espeak-ng voices and the speech that ships with pip packages). It is a weak
+Two are shipped, fitted on the same audio; they differ in how Whisper's windows were padded
+(recorded in the file, and the tokenizer pads the same way): ``whisper-base-1024-trim`` encodes
+each segment at its own length (the local default; about 8x less encoder work on 5 s turns than
+padding to 30 s), ``whisper-base-1024`` pads every window to 30 s (the earlier default, kept so
+that runs which recorded it can still be resumed and exported with the same tokens).
+
+What they are, honestly: k-means (1024 codes) on pooled Whisper-base encoder features of a few
+minutes of speech (espeak-ng voices and the speech that ships with pip packages). Each is a weak
 semantic tokenizer, fine for testing the pipeline and for small experiments. It is *not*
 GLM-4-Voice's codebook, which Kimi-Audio was trained on: for the Kimi-Audio recipe point
 ``tokenize.model`` at the GLM-4-Voice tokenizer directory (``configs/kimi_audio.yaml``).
@@ -24,7 +30,7 @@ whisper-base-1024``) is never overwritten: an existing cache file always wins.
 
 Example:
     >>> sorted(SHIPPED)
-    ['whisper-base-1024']
+    ['whisper-base-1024', 'whisper-base-1024-trim']
 """
 
 from __future__ import annotations
@@ -69,7 +75,11 @@ class ShippedCodebook:
 
 
 SHIPPED: dict[str, ShippedCodebook] = {
-    c.name: c for c in (ShippedCodebook("whisper-base-1024", "pkg:whisper-base"),)
+    c.name: c
+    for c in (
+        ShippedCodebook("whisper-base-1024-trim", "pkg:whisper-base"),
+        ShippedCodebook("whisper-base-1024", "pkg:whisper-base"),
+    )
 }
 
 

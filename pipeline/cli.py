@@ -222,6 +222,7 @@ def cmd_tokenizer_fit(args: argparse.Namespace) -> int:
     result = fit_codebook(
         inputs, out, args.model or cfg.tokenize.model, args.size,
         pool_layer=args.layer, max_hours=args.max_hours, iterations=args.iterations, seed=args.seed, cache_dir=cache,
+        padding=args.padding,
     )
     print(json.dumps(result, indent=2, default=str))
     return 0
@@ -357,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-hours", type=float, default=10.0, help="audio sample size")
     p.add_argument("--iterations", type=int, default=100, help="mini-batch k-means iterations")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--padding", choices=("multiple", "full"), default="multiple",
+        help="how windows are padded, recorded in the codebook so tokenize pads the same way: multiple = each "
+        "segment encoded at its own length (fast, the default), full = zeros to 30 s (Whisper's training input)",
+    )
     p.set_defaults(func=cmd_tokenizer_fit)
 
     exp = sub.add_parser("export", help="export a run for training code")

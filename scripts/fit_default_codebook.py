@@ -1,10 +1,14 @@
-"""Fit the codebook that ships with kimia-curate (``kimia_model/data/codebooks/whisper-base-1024``).
+"""Fit the codebooks that ship with kimia-curate (``kimia_model/data/codebooks/``).
 
-The local profile's tokenize stage uses it so that its default output carries semantic tokens
+The local profile's tokenize stage uses one so that its default output carries semantic tokens
 with no manual step (:mod:`kimia_model.shipped_codebooks` installs it into the model cache on
-first use). Run this only to refit the shipped file:
+first use). Two are shipped, fitted on the same audio and differing only in how Whisper's
+windows are padded: ``whisper-base-1024-trim`` (each segment encoded at its own length, the
+local default: a 5 s segment costs a 5 s encoder pass) and ``whisper-base-1024`` (zeros to
+30 s, the earlier default, kept so runs that recorded it can still be exported and resumed).
+Run this only to refit a shipped file:
 
-    PYTHONPATH=. .venv/bin/python scripts/fit_default_codebook.py
+    PYTHONPATH=. .venv/bin/python scripts/fit_default_codebook.py [--name whisper-base-1024-trim]
 
 The corpus is everything offline here that is speech, in a fixed order: the bundled
 ``examples/audio``, the pyannote sample (ships with pyannote.audio), the pytest-audioeval
@@ -38,7 +42,8 @@ from kimia_model.codebook import fit_codebook  # noqa: E402
 from kimia_model.shipped_codebooks import DATA_DIR, sha256_file  # noqa: E402
 from kimia_model.whisper_vq.codebook_file import CODEBOOK_FORMAT, CodebookFile  # noqa: E402
 
-NAME = "whisper-base-1024"
+#: Shipped name -> padding it is fitted with.
+NAMES = {"whisper-base-1024-trim": "multiple", "whisper-base-1024": "full"}
 MODEL = "pkg:whisper-base"
 SIZE = 1024
 SEED = 0
@@ -128,38 +133,45 @@ def corpus(work: Path) -> list[Path]:
 
 def _describe(f: Path, work: Path) -> str:
     """A file of the corpus as ``repo-path``, ``package:path`` or ``espeak-ng:name``."""
-    if f.is_relative_to(ROOT):
-        return str(f.relative_to(ROOT))
     if f.parent == work:
         return f"espeak-ng:{f.name}"
-    for module in ("pyannote.audio", "pytest_audioeval"):
+    for module in ("pyannote.audio", "pytest_audioeval"):  # before ROOT: a venv may live inside it
         base = _pkg_dir(module)
         if f.is_relative_to(base):
             return f"{module}:{f.relative_to(base)}"
+    if f.is_relative_to(ROOT):
+        return str(f.relative_to(ROOT))
     return f.name
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--name", choices=sorted(NAMES), default="whisper-base-1024-trim", help="which shipped codebook to refit")
+    name = ap.parse_args().name
+    padding = NAMES[name]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         files = corpus(work)
         fitted = work / "fit.safetensors"
         report = fit_codebook(files, fitted, MODEL, SIZE, iterations=ITERATIONS, seed=SEED, use_ray=False,
-                              max_samples=500_000)
+                              max_samples=500_000, padding=padding)
         book = CodebookFile.load(fitted)
     from safetensors.numpy import save_file
 
     DATA_DIR.mkdir(parents=True, exist_ok=True)
-    out = DATA_DIR / f"{NAME}.safetensors"
+    out = DATA_DIR / f"{name}.safetensors"
     meta = {k: v for k, v in book.meta.items() if k != "path"}
-    meta.update(format=CODEBOOK_FORMAT, whisper_model=MODEL, pooling_type=book.pooling_type)
+    meta.update(format=CODEBOOK_FORMAT, whisper_model=MODEL, pooling_type=book.pooling_type, padding=padding)
     save_file({"codebook": book.codebook.astype(np.float16)}, str(out), metadata=meta)
     names = [_describe(f, work) for f in files]
     prov = {
-        "name": NAME,
+        "name": name,
         "how": f"mini-batch k-means (k-means++ seeding, seed {SEED}, {ITERATIONS} iterations) on pooled "
-               f"12.5 Hz Whisper-base encoder features (last layer), stored as float16",
+               f"12.5 Hz Whisper-base encoder features (last layer, windows padded: {padding}), stored as float16",
+        "padding": padding,
         "script": "scripts/fit_default_codebook.py",
         "model": MODEL,
         "size": SIZE,
@@ -174,7 +186,7 @@ def main() -> None:
                 "speech; Kimi-Audio uses GLM-4-Voice's codebook (configs/kimi_audio.yaml)",
         "sha256": sha256_file(out),
     }
-    (DATA_DIR / f"{NAME}.json").write_text(json.dumps(prov, indent=2) + "\n")
+    (DATA_DIR / f"{name}.json").write_text(json.dumps(prov, indent=2) + "\n")
     print(json.dumps({k: v for k, v in prov.items() if k != "from"}, indent=2))
 
 

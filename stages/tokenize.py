@@ -19,7 +19,7 @@ Two model set-ups:
   it the features are read from the tokenizer's own layers.
 * **offline**: ``model`` is any Whisper checkpoint (``pkg:whisper-base`` works here) and
   ``codebook`` a file written by ``kimia-curate tokenizer fit``; tokens and features come out of
-  one encoder pass. The local profile's ``whisper-base-1024`` ships with the package and is
+  one encoder pass. The local profile's ``whisper-base-1024-trim`` ships with the package and is
   installed into ``<models.cache_dir>/codebooks`` on first use, with a provenance file beside it
   (:mod:`kimia_model.shipped_codebooks`): a weak k-means tokenizer for exercising the pipeline,
   not GLM-4-Voice's codebook that Kimi-Audio was trained on.
@@ -65,9 +65,10 @@ class TokenizeConfig(StageConfig):
         description="GLM-4-Voice WhisperVQEncoder directory, or a Whisper checkpoint (pkg:, CTranslate2/HF dir, .pt).",
     )
     codebook: str | None = Field(
-        "whisper-base-1024",
+        "whisper-base-1024-trim",
         description="Codebook file from `kimia-curate tokenizer fit` (path or name under <cache>/codebooks); "
-        "whisper-base-1024 ships with kimia-curate and is installed there on first use; "
+        "whisper-base-1024-trim (segments encoded at their own length) and whisper-base-1024 (padded to "
+        "30 s) ship with kimia-curate and are installed there on first use; "
         "null for an upstream WhisperVQ directory, which carries its own.",
     )
     features_model: str | None = Field(
@@ -84,8 +85,10 @@ class TokenizeConfig(StageConfig):
     )
     padding: Literal["auto", "multiple", "full"] = Field(
         "auto",
-        description="Window padding: multiple = upstream GLM (pad to 1280 samples, masked), full = 30 s "
-        "(plain Whisper); auto picks by model kind.",
+        description="Window padding: multiple = each window encoded at its own length (pad to 1280 samples, "
+        "masked; upstream GLM-4-Voice), full = zeros to 30 s (plain Whisper's training input); auto = what "
+        "the codebook file was fitted with (full for files that do not say), multiple for an upstream VQ "
+        "directory. A padding other than the codebook's is refused.",
     )
     max_batch_windows: int = Field(8, ge=1, le=1024, description="30 s windows per encoder call (memory bound).")
     torch_threads: int = Field(

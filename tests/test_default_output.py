@@ -26,30 +26,32 @@ from kimia_model.whisper_vq.codebook_file import CodebookFile
 from kimia_model.whisper_vq.timing import token_count
 from pipeline.cli import main
 from pipeline.export.kimi_audio import TokenizerMismatchError, export_kimi_audio, validate_line
-from stages.tokenize import tokenizer_matches
+from stages.tokenize import TokenizeConfig, tokenizer_matches
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = str(ROOT / "configs" / "local.yaml")
 
 
-def _install(cache: str) -> str:
-    return str(ensure_codebook("whisper-base-1024", Path(cache)))
+def _install(name: str, cache: str) -> str:
+    return str(ensure_codebook(name, Path(cache)))
 
 
-def test_shipped_codebook_installs_once_under_concurrency(tmp_path: Path) -> None:
-    book = SHIPPED["whisper-base-1024"]
+@pytest.mark.parametrize(("name", "padding"), [("whisper-base-1024-trim", "multiple"), ("whisper-base-1024", "full")])
+def test_shipped_codebook_installs_once_under_concurrency(tmp_path: Path, name: str, padding: str) -> None:
+    book = SHIPPED[name]
     assert sha256_file(book.file) == book.provenance()["sha256"]
     with multiprocessing.get_context("spawn").Pool(4) as pool:
-        paths = pool.map(_install, [str(tmp_path)] * 8)
-    target = cache_path("whisper-base-1024", tmp_path)
+        paths = pool.starmap(_install, [(name, str(tmp_path))] * 8)
+    target = cache_path(name, tmp_path)
     assert set(paths) == {str(target)}
     assert sha256_file(target) == book.provenance()["sha256"]
     prov = json.loads(target.with_suffix(".json").read_text())
     assert prov["sha256"] == book.provenance()["sha256"] and prov["model"] == "pkg:whisper-base"
     assert "k-means" in prov["fit"]["how"] and prov["fit"]["from"]
-    assert sorted(p.name for p in target.parent.iterdir()) == [
-        ".whisper-base-1024.lock", "whisper-base-1024.json", "whisper-base-1024.safetensors"]
-    assert CodebookFile.load(target).codebook.shape == (1024, 512)
+    assert not any("site-packages" in f for f in prov["fit"]["from"])  # named by package, not by a machine's path
+    assert sorted(p.name for p in target.parent.iterdir()) == [f".{name}.lock", f"{name}.json", f"{name}.safetensors"]
+    book_file = CodebookFile.load(target)
+    assert book_file.codebook.shape == (1024, 512) and book_file.padding == padding
 
 
 def test_a_users_own_codebook_is_never_overwritten(tmp_path: Path) -> None:
@@ -116,7 +118,9 @@ def _samples(out: Path) -> dict[str, dict[str, bytes]]:
 
 def test_every_kept_sample_has_tokens_with_provenance(default_run: tuple[Path, Path]) -> None:
     out, cache = default_run
-    codebook = cache_path("whisper-base-1024", cache)
+    name = TokenizeConfig().codebook
+    assert name == "whisper-base-1024-trim"  # the shipped codebook fitted on segments at their own length
+    codebook = cache_path(name, cache)
     assert codebook.is_file() and codebook.with_suffix(".json").is_file()
     sha8 = sha256_file(codebook)[:8]
     rows = [r for p in sorted((out / "index").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
@@ -131,7 +135,7 @@ def test_every_kept_sample_has_tokens_with_provenance(default_run: tuple[Path, P
         info = sf.info(io.BytesIO(members["audio.flac"]))
         assert len(tokens) == token_count(int(round(info.frames * 16000 / info.samplerate)))
         prov = json.loads(r["provenance"])["tokenize"]["model"]
-        assert prov == f"pkg:whisper-base+codebook:whisper-base-1024@{sha8}"
+        assert prov == f"pkg:whisper-base+codebook:{name}@{sha8}"
 
 
 def test_export_works_on_the_default_output(default_run: tuple[Path, Path], tmp_path: Path, capsys) -> None:

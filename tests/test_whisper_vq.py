@@ -247,10 +247,13 @@ def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, WhisperVQT
     cb = CodebookFile(np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32), pool_layer=1)
     cb.save(tmp / "cb.safetensors")
     whisper_cb = WhisperVQTokenizer.load(pt, tmp / "cb.safetensors", max_batch_windows=3)
-    return {"upstream": upstream, "whisper": whisper_cb}
+    trim = CodebookFile(cb.codebook, pool_layer=1, padding="multiple")
+    trim.save(tmp / "cb-trim.safetensors")
+    whisper_trim = WhisperVQTokenizer.load(pt, tmp / "cb-trim.safetensors", max_batch_windows=3)
+    return {"upstream": upstream, "whisper": whisper_cb, "whisper-trim": whisper_trim}
 
 
-@pytest.mark.parametrize("kind", ["upstream", "whisper"])
+@pytest.mark.parametrize("kind", ["upstream", "whisper", "whisper-trim"])
 def test_exact_token_counts(tokenizers: dict[str, WhisperVQTokenizer], kind: str) -> None:
     assert [token_count(n) for n in LENGTHS] == EXPECTED
     tok = tokenizers[kind]
@@ -263,7 +266,7 @@ def test_exact_token_counts(tokenizers: dict[str, WhisperVQTokenizer], kind: str
     assert timing.window_bounds(95 * SR)[-1] == (90 * SR, 95 * SR)
 
 
-@pytest.mark.parametrize("kind", ["upstream", "whisper"])
+@pytest.mark.parametrize("kind", ["upstream", "whisper", "whisper-trim"])
 def test_batched_equals_one_by_one_and_deterministic(tokenizers: dict[str, WhisperVQTokenizer], kind: str) -> None:
     tok = tokenizers[kind]
     lengths = [1281, 5 * SR, 30 * SR + 1, 2 * SR + 17, 1280]
@@ -333,6 +336,36 @@ def test_fit_codebook_writes_what_the_tokenizer_loads(tmp_path: Path) -> None:
     tok = WhisperVQTokenizer.load(pt, tmp_path / "cb.safetensors")
     out = tok([speechlike(2 * SR)])[0].tokens
     assert len(out) == 25 and out.max() < 16
+    # The padding the fit used is in the file, and the tokenizer follows it (or refuses another).
+    assert report["padding"] == cb.padding == tok.padding == "multiple"
+    with pytest.raises(CheckpointError, match="fitted with padding 'multiple'"):
+        WhisperVQTokenizer.load(pt, tmp_path / "cb.safetensors", padding="full")
+    fit_codebook([tmp_path / "audio"], tmp_path / "full.safetensors", str(pt), 16, iterations=10, pool_layer=1,
+                 use_ray=False, padding="full")
+    assert WhisperVQTokenizer.load(pt, tmp_path / "full.safetensors").padding == "full"
+
+
+def test_trimmed_windows_cost_their_length_and_stay_close_to_padded(tmp_path: Path) -> None:
+    """padding=multiple encodes a 2 s clip as 2 s (not 30 s): the encoder sees 200 mel frames,
+    and the features are the same kind of thing as the padded ones (positive cosine)."""
+    pt = save_openai_pt(tmp_path / "w.pt")
+    enc_full = WhisperVQTokenizer.load(pt, padding="full")
+    enc_trim = WhisperVQTokenizer.load(pt, padding="multiple")
+    seen: list[int] = []
+    encode = enc_trim.encoder.encode
+
+    def spy(mel: torch.Tensor, *args: object, **kwargs: object) -> object:
+        seen.append(mel.shape[-1])
+        return encode(mel, *args, **kwargs)
+
+    enc_trim.encoder.encode = spy  # type: ignore[method-assign]
+    audio = speechlike(2 * SR, seed=3)
+    a = enc_full([audio], tokens=False, features=True)[0].features
+    b = enc_trim([audio], tokens=False, features=True)[0].features
+    assert a.shape == b.shape == (25, 4 * enc_full.encoder.d_model)
+    assert seen == [2 * SR // 160]  # 200 frames, not Whisper's 3000
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.mean() > 0.5
 
 
 def test_packed_windows_keep_token_counts_and_lone_segments(tmp_path: Path) -> None:

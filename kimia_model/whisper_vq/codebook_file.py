@@ -1,6 +1,12 @@
 """Codebook files of ours: a ``[K, D]`` codebook fitted on pooled Whisper features, with the
-pool layer and pooling it was fitted at (written by :mod:`kimia_model.codebook`, read by the
-tokenizer).
+pool layer, pooling and window padding it was fitted at (written by :mod:`kimia_model.codebook`,
+read by the tokenizer).
+
+The padding matters as much as the layer: Whisper's encoder attends over the whole window, so
+a segment encoded alone (``multiple``: padded to the next 1280 samples only) and the same
+segment padded with zeros to 30 s (``full``) give different features. A codebook only means
+something for features made the way it was fitted, so the tokenizer reads the padding from
+the file. Files written before the padding was recorded were fitted with ``full``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import numpy as np
 from kimia_model.whisper_vq.model import CheckpointError
 
 CODEBOOK_FORMAT = "kimia-codebook-v1"
+PADDINGS = ("multiple", "full")
 
 
 @dataclass
@@ -20,14 +27,16 @@ class CodebookFile:
     """A codebook fitted on pooled Whisper features (written by :mod:`kimia_model.codebook`).
 
     Stored as safetensors: tensor ``codebook`` ``[K, D]`` float32, metadata (strings) ``format``,
-    ``whisper_model``, ``pool_layer``, ``pooling_type``, ``d_model`` and fitting statistics. A
-    bare ``[K, D]`` ``.npy`` is accepted too (pool layer then defaults to the last layer).
+    ``whisper_model``, ``pool_layer``, ``pooling_type``, ``padding``, ``d_model`` and fitting
+    statistics. A bare ``[K, D]`` ``.npy`` is accepted too (pool layer then defaults to the last
+    layer, padding to ``full``).
     """
 
     codebook: np.ndarray
     pool_layer: int | None = None
     pooling_type: str = "avg"
     meta: dict[str, str] = field(default_factory=dict)
+    padding: str = "full"
 
     def save(self, path: Path) -> None:
         from safetensors.numpy import save_file
@@ -36,6 +45,7 @@ class CodebookFile:
         meta.update(
             format=CODEBOOK_FORMAT,
             pooling_type=self.pooling_type,
+            padding=self.padding,
             d_model=str(self.codebook.shape[1]),
             size=str(self.codebook.shape[0]),
         )
@@ -71,4 +81,7 @@ class CodebookFile:
         if arr.ndim != 2:
             raise CheckpointError(f"{p}: codebook must be [K, D], got shape {arr.shape}")
         pool = int(meta["pool_layer"]) if "pool_layer" in meta else None
-        return cls(arr.astype(np.float32), pool, meta.get("pooling_type", "avg"), meta)
+        padding = meta.get("padding", "full")
+        if padding not in PADDINGS:
+            raise CheckpointError(f"{p}: padding {padding!r} is not one of {', '.join(PADDINGS)}")
+        return cls(arr.astype(np.float32), pool, meta.get("pooling_type", "avg"), meta, padding)

@@ -44,7 +44,8 @@ class WhisperVQTokenizer:
     Args:
         encoder: a loaded :class:`WhisperVQEncoder` (with its own or an attached codebook).
         padding: ``"multiple"`` or ``"full"``; None picks upstream's ``"multiple"`` for VQ
-            checkpoints and ``"full"`` for plain Whisper encoders.
+            checkpoints and ``"full"`` for plain Whisper encoders (:meth:`load` passes a
+            codebook file's own padding).
         max_batch_windows: windows per encoder call (memory bound; results never depend on it).
         device: torch device string.
         model_id: the id recorded in provenance.
@@ -82,12 +83,24 @@ class WhisperVQTokenizer:
         model_id: str | None = None,
         **kwargs: Any,
     ) -> WhisperVQTokenizer:
-        """Load an upstream VQ directory, or a Whisper checkpoint plus (optionally) our codebook."""
+        """Load an upstream VQ directory, or a Whisper checkpoint plus (optionally) our codebook.
+
+        With ``padding=None`` a codebook file decides the padding (the one it was fitted
+        with), so its tokens mean what the fit meant; an explicit padding that differs from
+        the codebook's is refused.
+        """
         enc = load_encoder(model_path)
         if codebook_path is not None:
             cb = CodebookFile.load(codebook_path)
             pool = cb.pool_layer if cb.pool_layer is not None else enc.num_layers
             enc.set_codebook(torch.from_numpy(cb.codebook), pool, cb.pooling_type)
+            asked = kwargs.get("padding")
+            if asked is not None and asked != cb.padding:
+                raise CheckpointError(
+                    f"{codebook_path}: fitted with padding {cb.padding!r}; tokenizing with {asked!r} would give "
+                    "tokens the codebook was not fitted on (leave padding on auto)"
+                )
+            kwargs["padding"] = cb.padding
         return cls(enc, model_id=model_id or Path(model_path).name, **kwargs)
 
     # -- windows ---------------------------------------------------------------------------
