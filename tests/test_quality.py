@@ -267,3 +267,21 @@ def test_dnsmos_matches_the_speechmos_reference(fox) -> None:
     assert got["bak"] == pytest.approx(want["bak_mos"], abs=1e-4)
     fast = _Dnsmos(resolve_packaged("dnsmos", "quality.model"), False, 1)(audio)  # non-overlapping
     assert abs(fast["ovrl"] - want["ovrl_mos"]) < 0.2
+
+
+def test_dnsmos_native_length_scores_a_short_segment_near_the_tiled_reference(fox) -> None:
+    """dnsmos_short=native runs a rewritten graph on the clip's own frames; its score stays in
+    the neighbourhood of the tiled reference (a different number, not a different scale)."""
+    from kimia_model.refs import resolve_packaged
+    from stages.quality import _Dnsmos
+
+    model_dir = resolve_packaged("dnsmos", "quality.model")
+    tiled = _Dnsmos(model_dir, False, 1, short="tile")
+    native = _Dnsmos(model_dir, False, 1, short="native")
+    assert tiled._native is None and native._native is not None
+    audio = fox[0][: int(4.3 * SR)]
+    a, b = tiled(audio), native(audio)
+    for k in ("ovrl", "sig", "bak"):
+        assert 1.0 <= b[k] <= 5.0 and abs(a[k] - b[k]) < 0.6, (k, a[k], b[k])
+    long = np.tile(fox[0], 5)[: 12 * SR]  # past one window both modes run the same windows
+    assert native(long) == tiled(long)
