@@ -25,7 +25,7 @@ from pipeline.config import RunConfig
 from pipeline.inputs import discover
 from pipeline.guard import OutputLock, check_config_compatible, output_fingerprint, save_fingerprint, saved_fingerprint
 from pipeline.ray_local import init_ray
-from stages.base import KIND_TRANSIENT, RetryPolicy, Stage, StageContext
+from stages.base import KIND_TRANSIENT, RetryPolicy, Stage, StageContext, plan_workers
 from stages.decode import DecodeStage
 from stages.filter import FilterStage
 from stages.quality import QualityStage
@@ -92,6 +92,27 @@ def preflight(cfg: RunConfig, stages: list[Stage]) -> None:
             raise PreflightError(f"{s.name} reads the enhanced stream but the enhance stage is disabled (enhance.enabled)")
     for s in stages:
         s.check()
+
+
+def _biggest_node_cpus(ray: Any) -> int:
+    cpus = [int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return max([c for c in cpus if c > 0], default=1)
+
+
+def size_pools(stages: list[Stage], cluster: dict[str, float], node_cpus: int) -> dict[str, int]:
+    """Resolve every ``num_workers: 0`` to the pool :func:`stages.base.plan_workers` sizes for
+    this cluster, in place, so the same config fills a laptop and a 64-core node.
+
+    Returns ``{stage: workers}`` for the stages it sized; logged at start-up.
+    """
+    sized = {}
+    for s in stages:
+        if s.config.num_workers == 0:
+            s.config.num_workers = plan_workers(s, float(cluster.get("CPU", 1.0)), float(cluster.get("GPU", 0.0)), node_cpus)
+            sized[s.name] = s.config.num_workers
+    if sized:
+        log.info("machine-sized pools: %s", ", ".join(f"{k}={v}" for k, v in sized.items()))
+    return sized
 
 
 def check_resources(stages: list[Stage], cluster: dict[str, float]) -> None:
@@ -179,6 +200,7 @@ def _run_locked(
         init_ray(cfg, address, verbose=verbose)
         import ray
 
+        size_pools(stages, ray.cluster_resources(), _biggest_node_cpus(ray))
         if not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS")):
             check_resources(stages, ray.cluster_resources())  # an autoscaling cluster may grow: local only
         from pipeline.graph import build_dataset, duplicate_registry, iter_rows

@@ -82,7 +82,10 @@ class StageConfig(BaseModel):
         "ray.recordings_per_batch sets recordings per call). Recording-level stages: recordings per call.",
     )
     num_workers: int = Field(
-        1, ge=1, le=4096, description="Actors in this stage's pool (model stages) or task concurrency."
+        0, ge=0, le=4096,
+        description="Actors in this stage's pool (model stages) or task concurrency; 0 = sized to the "
+        "cluster Ray sees (stages.base.plan_workers: GPUs / num_gpus on GPU, else the stage's share of the "
+        "CPUs over its threads per worker). Never changes outputs.",
     )
     num_cpus: float = Field(1.0, gt=0, le=512, description="CPUs reserved per worker.")
     num_gpus: float = Field(
@@ -138,6 +141,38 @@ def machine_threads(requested: int) -> int:
     True
     """
     return requested if requested > 0 else min(node_cpus(), MAX_AUTO_THREADS)
+
+
+def plan_workers(stage: Stage, cpus: float, gpus: float, node_cpus: int) -> int:
+    """Workers for a stage whose ``num_workers`` is 0: the pool that fills its part of the cluster.
+
+    * A GPU stage (``num_gpus > 0`` and GPUs present): as many workers as its GPU fraction
+      fits, ``GPUs // num_gpus``.
+    * A CPU model stage: its share of the cluster's CPUs (``Stage.cpu_share``, the part of a
+      full run's CPU time it takes) divided by the threads one of its workers runs. The shares
+      of the model stages add up to about 1, so on 2 cores every pool has one worker (more
+      would only oversubscribe) and on 64 the pools together run about 64 threads.
+    * A task stage (decode, filter, write): one task per CPU.
+
+    Always at least 1: below about 16 CPUs every model stage keeps one worker, whose
+    machine-sized threads (0 = the node's CPUs, at most 8) let whichever stage is busy use the
+    whole machine. ``node_cpus`` is the biggest node's CPU count, which those thread settings
+    resolve against.
+
+    >>> class T:  # a stand-in: transcribe with 0 threads (= node CPUs, at most 8)
+    ...     uses_model, cpu_share = True, 0.4
+    ...     config = type("C", (), {"num_gpus": 0.0, "num_cpus": 0.5})()
+    ...     def worker_threads(self, node_cpus): return min(node_cpus, MAX_AUTO_THREADS)
+    >>> plan_workers(T(), 2, 0, 2), plan_workers(T(), 64, 0, 64), plan_workers(T(), 64, 0, 16)
+    (1, 3, 3)
+    """
+    cfg = stage.config
+    if cfg.num_gpus > 0 and gpus > 0:
+        return max(1, int(gpus // cfg.num_gpus))
+    if not stage.uses_model:
+        return max(1, int(cpus))
+    threads = max(1, stage.worker_threads(node_cpus))
+    return max(1, int(cpus * stage.cpu_share / threads))
 
 
 @dataclass(frozen=True)
@@ -212,6 +247,9 @@ class Stage(ABC):
             actor pool (one model load per worker), the rest as stateless tasks.
         level: ``"recording"``: :meth:`process_batch` gets recording rows;
             ``"segment"``: it gets segment views (see the module docstring).
+        cpu_share: the part of a full local run's CPU time this stage takes (measured by
+            ``benchmarks/bench_speed.py``); a machine-sized pool (``num_workers: 0``) gets
+            that share of the cluster's CPUs (:func:`plan_workers`).
     """
 
     name: ClassVar[str]
@@ -220,6 +258,7 @@ class Stage(ABC):
     writes: ClassVar[tuple[str, ...]] = ()
     fanout: ClassVar[bool] = False
     uses_model: ClassVar[bool] = True
+    cpu_share: ClassVar[float] = 0.1
 
     def __init__(self, config: StageConfig, context: StageContext | None = None) -> None:
         self.config = config
@@ -248,6 +287,14 @@ class Stage(ABC):
     def model_id(self) -> str:
         """The model this stage ran, as recorded in provenance ("none" for model-free stages)."""
         return "none"
+
+    def worker_threads(self, node_cpus: int) -> int:
+        """Threads one worker computes with on a node of ``node_cpus`` CPUs.
+
+        Ray gives an actor ``OMP_NUM_THREADS = max(1, int(num_cpus))``; stages with their own
+        thread setting (``cpu_threads``, ``torch_threads``, ``onnx_threads``) override this.
+        """
+        return max(1, int(self.config.num_cpus))
 
     @property
     def resources(self) -> Resources:

@@ -27,7 +27,7 @@ class DecodeConfig(StageConfig):
     """Decode settings. Model-free: runs as Ray tasks, ``num_workers`` bounds concurrency."""
 
     batch_size: int = Field(1, ge=1, le=64, description="Recordings per task; 1 keeps memory flat.")
-    num_workers: int = Field(2, ge=1, le=4096, description="Concurrent decode tasks.")
+    num_workers: int = Field(0, ge=0, le=4096, description="Concurrent decode tasks; 0 = one per CPU Ray sees.")
     sample_rate: int = Field(
         16000, ge=8000, le=192000, description="Rate everything is resampled to (Hz). 48000 keeps full band for enhancement."
     )

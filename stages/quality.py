@@ -455,12 +455,16 @@ class QualityStage(Stage):
     )
     writes: ClassVar[tuple[str, ...]] = QUALITY_FIELDS
     uses_model: ClassVar[bool] = True
+    cpu_share: ClassVar[float] = 0.2
 
     config: QualityConfig
 
     def __init__(self, config: QualityConfig, context: Any = None) -> None:
         super().__init__(config, context)
         self._dnsmos: _Dnsmos | None = None
+
+    def worker_threads(self, node_cpus: int) -> int:
+        return self.config.onnx_threads
 
     def _model_dir(self) -> Path:
         if self.config.model.startswith("pkg:"):

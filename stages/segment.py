@@ -139,6 +139,7 @@ class SegmentStage(Stage):
     reads = ("audio", "audio_enhanced", "sample_rate", "duration_s")
     writes = ("segments",)
     uses_model = True
+    cpu_share = 0.05
 
     config: SegmentConfig
 

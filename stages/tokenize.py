@@ -44,7 +44,7 @@ from pydantic import Field
 from kimia_model.audio import resample
 from kimia_model.refs import ModelNotFoundError, resolve
 from kimia_model.shipped_codebooks import ensure_codebook
-from stages.base import Row, Stage, StageConfig, StageContext, StageError, machine_threads
+from stages.base import MAX_AUTO_THREADS, Row, Stage, StageConfig, StageContext, StageError, machine_threads
 
 FIT_HINT = (
     "Fit one offline with: kimia-curate tokenizer fit AUDIO_DIR --model pkg:whisper-base --size 1024 "
@@ -149,6 +149,11 @@ class TokenizeStage(Stage):
     reads = ("audio", "audio_enhanced", "sample_rate")
     writes = ("semantic_tokens", "whisper_features")
     uses_model = True
+    cpu_share = 0.15
+
+    def worker_threads(self, node_cpus: int) -> int:
+        """``torch_threads``, or for 0 the node's CPUs (at most 8), as :func:`machine_threads` resolves it."""
+        return self.config.torch_threads or min(node_cpus, MAX_AUTO_THREADS)
 
     def __init__(self, config: TokenizeConfig, context: StageContext | None = None) -> None:
         super().__init__(config, context)

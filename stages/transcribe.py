@@ -32,7 +32,7 @@ from pydantic import Field
 
 from kimia_model.audio import quiet_runs, resample
 from kimia_model.refs import ModelNotFoundError, missing, resolve
-from stages.base import Row, Stage, StageConfig, StageContext, machine_threads
+from stages.base import MAX_AUTO_THREADS, Row, Stage, StageConfig, StageContext, machine_threads
 from stages.language import Decision, Evidence, PoolingParams, pool_languages
 from stages.textnorm import compression_ratio
 
@@ -903,6 +903,7 @@ class TranscribeStage(Stage):
     name = "transcribe"
     reads = ("audio", "audio_enhanced", "sample_rate")
     writes = (*TRANSCRIPT_FIELDS, *LANGUAGE_FIELDS, *LABELLER_FIELDS)
+    cpu_share = 0.4
 
     config: TranscribeConfig
     # What setup() loads; None / empty until then, so a stage given a backend directly (tests,
@@ -910,6 +911,10 @@ class TranscribeStage(Stage):
     lid: LanguageId | None = None
     labellers: Mapping[str, AsrBackend] = MappingProxyType({})
     fallbacks: Mapping[str, str] = MappingProxyType({})
+
+    def worker_threads(self, node_cpus: int) -> int:
+        """``cpu_threads``, or for 0 the node's CPUs (at most 8), as :func:`machine_threads` resolves it."""
+        return self.config.cpu_threads or min(node_cpus, MAX_AUTO_THREADS)
 
     def check(self) -> None:
         resolve_asr_model(self.config, self.context)

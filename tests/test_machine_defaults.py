@@ -27,3 +27,41 @@ def test_local_profile_is_machine_sized_and_threads_do_not_change_outputs() -> N
     pinned = load_config(str(ROOT / "configs" / "local.yaml"), ["transcribe.cpu_threads=4", "tokenize.torch_threads=3"])
     # The output fingerprint (what a resume compares) ignores threads: same config, same outputs.
     assert output_fingerprint(cfg.model_dump(mode="json")) == output_fingerprint(pinned.model_dump(mode="json"))
+
+
+def _local_stages(sets: list[str] | None = None) -> list:
+    from pipeline.run import plan_stages
+    from stages.base import StageContext
+
+    cfg = load_config(str(ROOT / "configs" / "local.yaml"), sets or [])
+    return plan_stages(cfg, StageContext())
+
+
+@pytest.mark.parametrize("cpus", [2, 8, 64])
+def test_machine_sized_pools_fill_the_cpus_without_oversubscribing(cpus: int) -> None:
+    """num_workers 0 (the local profile) gives one worker per model stage on 2 cores and pools
+    that together run about as many threads as there are CPUs on a big node."""
+    from pipeline.run import size_pools
+
+    stages = _local_stages()
+    assert all(s.config.num_workers == 0 for s in stages if s.name != "write")  # write: 2 writers
+    sized = size_pools(stages, {"CPU": float(cpus)}, cpus)
+    model = [s for s in stages if s.uses_model]
+    threads = sum(s.config.num_workers * s.worker_threads(cpus) for s in model)
+    if cpus < 16:  # every model stage keeps one worker, so no pool grows
+        assert all(sized[s.name] == 1 for s in model)
+    else:  # the pools together run about one thread per CPU
+        assert sized["transcribe"] > 1 and sized["quality"] > 1
+        assert cpus / 2 <= threads <= cpus * 1.25, (sized, threads)
+    assert all(sized[s.name] == cpus for s in stages if not s.uses_model and s.name in sized)
+    assert all(s.config.num_workers >= 1 for s in stages)
+
+
+def test_gpu_stages_are_sized_by_their_gpu_fraction_and_explicit_pools_stay() -> None:
+    from pipeline.run import size_pools
+
+    stages = _local_stages(["transcribe.num_gpus=0.5", "tokenize.num_workers=3"])
+    sized = size_pools(stages, {"CPU": 16.0, "GPU": 4.0}, 16)
+    by_name = {s.name: s for s in stages}
+    assert sized["transcribe"] == 8  # 4 GPUs / 0.5
+    assert "tokenize" not in sized and by_name["tokenize"].config.num_workers == 3

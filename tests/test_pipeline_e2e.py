@@ -196,11 +196,14 @@ def test_kill_and_resume(corpus: Path, finished_run: Path, tmp_path: Path) -> No
 
 def test_resource_plan_that_would_deadlock_is_refused() -> None:
     from pipeline.config import load_config
-    from pipeline.run import PreflightError, check_resources, plan_stages
+    from pipeline.run import PreflightError, check_resources, plan_stages, size_pools
     from stages.base import StageContext
 
     cfg = load_config(ROOT / "configs" / "local.yaml", ["transcribe.num_cpus=2"])
     stages = plan_stages(cfg, StageContext())
+    size_pools(stages, {"CPU": 2.0}, 2)  # as run() does before checking
     with pytest.raises(PreflightError, match=r"actor pools hold .* CPU .*transcribe=2x1.*cluster has 2"):
         check_resources(stages, {"CPU": 2.0})
-    check_resources(plan_stages(load_config(ROOT / "configs" / "local.yaml"), StageContext()), {"CPU": 2.0})
+    fits = plan_stages(load_config(ROOT / "configs" / "local.yaml"), StageContext())
+    size_pools(fits, {"CPU": 2.0}, 2)
+    check_resources(fits, {"CPU": 2.0})

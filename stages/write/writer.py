@@ -60,7 +60,7 @@ class WriteConfig(StageConfig):
         description="Recordings per write task. Each task commits its recordings at once, as one shard "
         "(or more at the size caps): smaller commits sooner, larger makes fewer, bigger shards.",
     )
-    num_workers: int = Field(2, ge=1, le=4096, description="Concurrent write tasks.")
+    num_workers: int = Field(2, ge=0, le=4096, description="Concurrent write tasks; 0 = one per CPU Ray sees.")
     shard_max_samples: int = Field(2000, ge=1, description="Start a new shard after this many samples.")
     shard_max_mb: float = Field(
         1024.0, gt=0, description="Start a new shard once it holds this much (a recording is never split)."
