@@ -131,7 +131,8 @@ def profile_lines(run: dict[str, Any], wall: float, audio_s: float) -> list[str]
     prof = run.get("profile") or {}
     lines = []
     for name, st in (prof.get("stages") or {}).items():
-        lines.append(f"    {name:11s} busy {st['busy_s']:7.1f} s  RTF {st['rtf']:.4f}  x{st['workers']} workers")
+        lines.append(f"    {name:11s} busy {st['busy_s']:7.1f} s  RTF {st['rtf']:.4f}  "
+                     f"{100 * (st.get('share_of_wall') or 0):3.0f} % of wall  x{st['workers']} workers")
     inner = run.get("wall_seconds") or 0.0
     lines.append(f"    overhead    {prof.get('overhead_s', 0):7.1f} s of the run's own {inner:.1f} s "
                  f"({100 * (prof.get('overhead_share') or 0):.0f} %; busiest stage {prof.get('busiest')}); "

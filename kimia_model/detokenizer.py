@@ -555,6 +555,9 @@ class Detokenizer:
         device: where to run; ``dtype`` of the networks (float32 on CPU, bf16 works on GPU).
     """
 
+    #: The DiT's attention kernel (``F.scaled_dot_product_attention``), named in run records.
+    attention = "sdpa"
+
     def __init__(self, flow: DiTPrefix, flow_cfg: FlowConfig, vocoder: BigVGAN | None,
                  streaming: StreamingConfig | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:

@@ -204,14 +204,19 @@ class KimiaGenerator:
         *,
         device: str | Sequence[str] = "cpu",
         dtype: torch.dtype | str = "auto",
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = "auto",
         audio_tokenizer: AudioTokenizer | None = None,
         feature_extractor: FeatureExtractor | None = None,
         detokenizer: Detokenizer | Callable[[], Detokenizer] | None = None,
         lazy_detokenizer: bool = False,
         max_audio_s: float | None = None,
     ) -> KimiaGenerator:
-        """Load LM and text tokenizer from a Kimi-Audio directory; inject the audio models."""
+        """Load LM and text tokenizer from a Kimi-Audio directory; inject the audio models.
+
+        ``dtype`` and ``attn_implementation`` default to ``"auto"`` (bf16 and flash-attn where
+        the GPU and packages allow, else SDPA; fp32 on CPU): the pipeline's stages load through
+        here, and a GPU run should not need a config key to get the fast kernels.
+        """
         lm = KimiaLM.from_pretrained(model_dir, device=device, dtype=dtype, attn_implementation=attn_implementation)
         tok = KimiaTextTokenizer.from_dir(model_dir)
         cfg = lm.config

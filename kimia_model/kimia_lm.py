@@ -392,6 +392,11 @@ class KimiaLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
+    @property
+    def attn_implementation(self) -> str:
+        """The attention kernel :func:`_pick_attention` settled on at load, for run records."""
+        return self.config._attn_implementation
+
     def embed(
         self,
         audio_ids: torch.Tensor,

@@ -307,6 +307,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"FAILED (not bad input; re-run with --retry-quarantined): {len(r['failed'])} inputs: " + ", ".join(
             f"{f['source']} [{f['stage']}: {f['error']}]" for f in r["failed"][:5]
         ) + (" ..." if len(r["failed"]) > 5 else ""))
+    if r.get("runtimes"):
+        lines.append("models ran as (stage: device dtype attention (segments)): " + ", ".join(
+            f"{k} ({v})" for k, v in r["runtimes"].items()))
     if r.get("labellers"):
         lines.append("labelled by: " + ", ".join(f"{k}={v}" for k, v in r["labellers"].items()))
     if r["quarantine_reasons"]:

@@ -25,8 +25,9 @@ Every row carries a ``status``:
 
 :meth:`Stage.__call__` also isolates failures: when a batch raises, it retries the rows one
 by one and quarantines only the rows that still fail, so one corrupt input never costs the
-rest of its batch. It stamps provenance (model id and config hash) and per-stage compute
-time on every row it returns.
+rest of its batch. It stamps provenance (model id, config hash and, for model stages, the
+device, dtype and attention the model runs with) and per-stage compute time on every row
+it returns.
 
 Example:
     >>> class Upper(Stage):
@@ -175,6 +176,20 @@ def plan_workers(stage: Stage, cpus: float, gpus: float, node_cpus: int) -> int:
     return max(1, int(cpus * stage.cpu_share / threads))
 
 
+def runtime_label(device: str, dtype: Any, attention: str) -> str:
+    """How a model runs, in one provenance string: ``"cuda bfloat16 flash_attention_2"``.
+
+    Precision and attention kernel are chosen per machine (bf16 and flash-attn where the GPU
+    and packages allow, fp32 and SDPA on CPU), so one config can run with other numerics on
+    two nodes; the string lets a run's summary and every sample say which ones ran.
+    ``attention`` is ``"none"`` for models without attention (LSTMs, CNNs).
+
+    >>> runtime_label("cuda:0", "torch.bfloat16", "sdpa")
+    'cuda bfloat16 sdpa'
+    """
+    return f"{str(device).split(':')[0]} {str(dtype).removeprefix('torch.')} {attention}"
+
+
 @dataclass(frozen=True)
 class Resources:
     """What one worker of a stage asks the scheduler for."""
@@ -295,6 +310,14 @@ class Stage(ABC):
         thread setting (``cpu_threads``, ``torch_threads``, ``onnx_threads``) override this.
         """
         return max(1, int(self.config.num_cpus))
+
+    def runtime(self) -> str | None:
+        """Device, dtype and attention of the loaded model (:func:`runtime_label`), or None.
+
+        Recorded in provenance beside the model id, since the same weights give slightly
+        different outputs in bf16 and fp32; None for model-free stages and before setup.
+        """
+        return None
 
     @property
     def resources(self) -> Resources:
@@ -439,6 +462,9 @@ class Stage(ABC):
         """Record provenance and apportion the batch's compute time over its output rows."""
         ok = [r for r in rows if r.get("status", STATUS_OK) == STATUS_OK]
         stamp = {"model": self.model_id(), "config_hash": self.config.config_hash()}
+        runtime = self.runtime()
+        if runtime:
+            stamp["runtime"] = runtime
         total = sum(float(r.get("duration_s") or 0.0) for r in ok) or float(len(ok) or 1)
         for r in rows:
             timings = dict(r.get("timings") or {})

@@ -41,7 +41,7 @@ from pydantic import Field, model_validator
 
 from kimia_model.audio import resample
 from kimia_model.refs import ModelNotFoundError, missing, resolve, resolve_packaged
-from stages.base import Row, Stage, StageConfig, StageContext, StageError
+from stages.base import Row, Stage, StageConfig, StageContext, StageError, runtime_label
 
 #: Both backends run at full band.
 MODEL_SAMPLE_RATE = 48000
@@ -318,6 +318,14 @@ class EnhanceStage(Stage):
 
     def model_id(self) -> str:
         return self._model_id
+
+    def runtime(self) -> str | None:
+        if self.config.backend == "deepfilternet3":
+            return runtime_label("cpu", "float32", "none")  # libDF: a float32 GRU network, CPU only
+        if self._backend is None:
+            return None
+        weight = next(self._backend.model.parameters())
+        return runtime_label(weight.device.type, weight.dtype, "none")  # band and time LSTMs, no attention
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
         return [self._maybe_enhance(r) for r in rows]

@@ -47,7 +47,7 @@ from pydantic import Field
 
 from kimia_model.audio import resample
 from kimia_model.refs import missing, resolve_packaged
-from stages.base import Row, Stage, StageConfig, StageError
+from stages.base import Row, Stage, StageConfig, StageError, runtime_label
 from stages.rows import finite_or_none
 
 DNSMOS_SAMPLE_RATE = 16000
@@ -498,6 +498,10 @@ class QualityStage(Stage):
 
     def model_id(self) -> str:
         return self.config.model if self.config.dnsmos else "none"
+
+    def runtime(self) -> str | None:
+        # DNSMOS's ONNX CNNs on onnxruntime's CPU provider, whatever device the run has.
+        return runtime_label("cpu", "float32", "none") if self.config.dnsmos else None
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
         return [self._measure(r) for r in rows]

@@ -48,7 +48,7 @@ from pydantic import Field, model_validator
 
 from kimia_model.refs import ModelNotFoundError, missing
 from kimia_model.tts import ESPEAK_BINARY, TokenGenerator, TTSBackend, TTSError, build_tts
-from stages.base import Row, Stage, StageConfig, StageContext, StageError
+from stages.base import Row, Stage, StageConfig, StageContext, StageError, runtime_label
 from stages.label_score import WhisperLabelScorer
 from stages.textnorm import UNSPACED_LANGUAGES, cer
 from stages.transcribe import TranscribeConfig
@@ -264,6 +264,12 @@ class RoundtripStage(Stage):
                              "roundtrip.asr.backend=faster-whisper")
         c = self.config
         return WhisperLabelScorer(self.asr, window=c.window_tokens, redecode=c.forced_redecode)
+
+    def runtime(self) -> str | None:
+        labels = [getattr(self.asr, "runtime", None)]
+        if self.detokenizer is not None:
+            labels.append(runtime_label(self.detokenizer.device, self.detokenizer.dtype, self.detokenizer.attention))
+        return " + ".join(dict.fromkeys(label for label in labels if label)) or None  # ASR, then detokenizer
 
     def model_id(self) -> str:
         c = self.config

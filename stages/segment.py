@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from stages.base import STATUS_EMPTY, STATUS_OK, Row, Stage, StageConfig
+from stages.base import STATUS_EMPTY, STATUS_OK, Row, Stage, StageConfig, runtime_label
 from stages.rows import AUDIO_FIELDS, span_samples
 
 
@@ -150,6 +150,9 @@ class SegmentStage(Stage):
 
     def model_id(self) -> str:
         return "pkg:silero-vad"
+
+    def runtime(self) -> str | None:
+        return runtime_label("cpu", "float32", "none")  # Silero's ONNX export on onnxruntime's CPU provider
 
     def spans(self, audio: np.ndarray, sr: int) -> list[tuple[float, float]]:
         """Speech spans of a recording after joining and splitting (seconds)."""

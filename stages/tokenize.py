@@ -44,7 +44,16 @@ from pydantic import Field
 from kimia_model.audio import resample
 from kimia_model.refs import ModelNotFoundError, resolve
 from kimia_model.shipped_codebooks import ensure_codebook
-from stages.base import MAX_AUTO_THREADS, Row, Stage, StageConfig, StageContext, StageError, machine_threads
+from stages.base import (
+    MAX_AUTO_THREADS,
+    Row,
+    Stage,
+    StageConfig,
+    StageContext,
+    StageError,
+    machine_threads,
+    runtime_label,
+)
 
 FIT_HINT = (
     "Fit one offline with: kimia-curate tokenizer fit AUDIO_DIR --model pkg:whisper-base --size 1024 "
@@ -223,6 +232,10 @@ class TokenizeStage(Stage):
 
     def model_id(self) -> str:
         return self._model_id
+
+    def runtime(self) -> str | None:
+        labels = [runtime_label(m.device, m.dtype, m.attention) for m in (self._tok, self._feat) if m is not None]
+        return " + ".join(dict.fromkeys(labels)) or None  # tokenizer, then the feature model if it differs
 
     def expected_model_id(self) -> str:
         """The id this config records in ``provenance.tokenize.model``, without loading a model.

@@ -32,7 +32,7 @@ from pydantic import Field
 
 from kimia_model.audio import quiet_runs, resample
 from kimia_model.refs import ModelNotFoundError, missing, resolve
-from stages.base import MAX_AUTO_THREADS, Row, Stage, StageConfig, StageContext, machine_threads
+from stages.base import MAX_AUTO_THREADS, Row, Stage, StageConfig, StageContext, machine_threads, runtime_label
 from stages.language import Decision, Evidence, PoolingParams, pool_languages
 from stages.textnorm import compression_ratio
 
@@ -327,6 +327,9 @@ class FasterWhisperBackend:
         self.model = ctranslate2.models.Whisper(
             str(model_dir), device=device, compute_type=compute, intra_threads=threads
         )
+        # CTranslate2's own attention kernels: its PyPI wheels are built without flash-attn (from
+        # 4.4), so flash_attention=True would not run; compute_type is what CTranslate2 settled on.
+        self.runtime = runtime_label(device, self.model.compute_type, "ctranslate2")
         self.hf_tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         n_mels = self.model.n_mels if hasattr(self.model, "n_mels") else 80
         self.features = FeatureExtractor(feature_size=n_mels)
@@ -747,6 +750,9 @@ class OpenAIWhisperBackend:
         self._whisper = whisper
         self.device = device
         self.model = load_openai_whisper(checkpoint, device)
+        # fp16 decoding on CUDA (DecodingOptions below; whisper's layers cast weights to it).
+        attention = "sdpa" if getattr(whisper.model.MultiHeadAttention, "use_sdpa", False) else "eager"
+        self.runtime = runtime_label(device, "float16" if device == "cuda" else "float32", attention)
         self.multilingual = bool(self.model.is_multilingual)
 
     def _mels(self, audios: list[np.ndarray], sample_rate: int) -> Any:
@@ -908,6 +914,7 @@ class TranscribeStage(Stage):
     config: TranscribeConfig
     # What setup() loads; None / empty until then, so a stage given a backend directly (tests,
     # benchmarks) decides per segment and routes everything to that backend.
+    asr: AsrBackend | None = None
     lid: LanguageId | None = None
     labellers: Mapping[str, AsrBackend] = MappingProxyType({})
     fallbacks: Mapping[str, str] = MappingProxyType({})
@@ -982,6 +989,9 @@ class TranscribeStage(Stage):
 
     def model_id(self) -> str:
         return f"{self.config.backend}:{self.config.model}"
+
+    def runtime(self) -> str | None:
+        return getattr(self.asr, "runtime", None)  # a backend handed in by a test may not say
 
     def _decide_languages(self, rows: list[Row], key: str) -> list[Decision] | None:
         if self.lid is None:

@@ -32,7 +32,7 @@ from kimia_model.audio import resample
 from kimia_model.kimia_generate import KimiaGenerator, SamplingParams
 from kimia_model.kimia_prompt import AudioTokenizer, FeatureExtractor, PromptError
 from kimia_model.refs import ModelNotFoundError, default_cache_dir, missing
-from stages.base import StageError
+from stages.base import StageError, runtime_label
 
 #: Upstream's ASR instruction (``infer.py``: "convert the audio content to text").
 ASR_PROMPT = "请将音频内容转换为文字。"
@@ -156,6 +156,10 @@ class KimiaASR:
             audio_tokenizer=audio_tokenizer,
             feature_extractor=feature_extractor if use_whisper_features else None,
         )
+        lm = self.generator.lm
+        # The LM's choice (bf16 + flash-attn on CUDA when installed, else SDPA); the Whisper
+        # encoders that hear the audio run in float32 with SDPA.
+        self.runtime = runtime_label(lm.device, lm.dtype, lm.attn_implementation)
         self.prompt = prompt
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens

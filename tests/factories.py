@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from kimia_model.bigvgan import BigVGAN, BigVGANConfig
+from kimia_model.bsrnn import BSRNN, BSRNNConfig
 from kimia_model.detokenizer import DiTConfig, DiTPrefix, Detokenizer, FlowConfig, StreamingConfig
 from kimia_model.kimia_lm import KimiaLM, config_from_dict
 from kimia_model.kimia_prompt import special_token_layout
+from kimia_model.whisper_vq.model import WhisperVQConfig, WhisperVQEncoder
 
 
 # -- Kimi-Audio LM: config and random checkpoint ----------------------------------------------
@@ -208,6 +210,85 @@ def random_tiny_detokenizer(seed: int = 0, vocab: int = 64, streaming: Streaming
     randomize_(flow, seed, scale=1.0)
     voc = randomize_(BigVGAN(tiny_bigvgan_config()), seed + 1, scale=0.5)
     return Detokenizer(flow, cfg, voc, streaming)
+
+
+# -- GLM-4-Voice Whisper+VQ tokenizer -----------------------------------------------------------
+
+
+def glm_tokenizer_config(**over: object) -> dict:
+    """A tiny config.json in GLM-4-Voice's layout (same keys as the shipped one)."""
+    cfg = {
+        "architectures": ["WhisperVQEncoder"],
+        "model_type": "whisper",
+        "d_model": 16,
+        "encoder_layers": 4,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 32,
+        "num_mel_bins": 128,
+        "max_source_positions": 1500,
+        "activation_function": "gelu",
+        "encoder_causal_convolution": True,
+        "encoder_causal_attention": False,
+        "quantize_causal_encoder": False,
+        "quantize_causal_block_size": 200,
+        "pooling_kernel_size": 4,
+        "pooling_type": "avg",
+        "pooling_position": 2,
+        "quantize_position": 2,
+        "quantize_vocab_size": 64,
+        "quantize_encoder_only": True,
+        "quantize_ema_decay": 0.99,
+        "quantize_commit_coefficient": 0.25,
+        "scale_embedding": False,
+        "torch_dtype": "float32",
+    }
+    cfg.update(over)
+    return cfg
+
+
+def write_glm_tokenizer(out_dir: Path, seed: int = 0, drop: tuple[str, ...] = (), **over: object) -> Path:
+    """Random weights saved exactly as the upstream tokenizer ships: config.json + model.safetensors."""
+    from safetensors.torch import save_file
+
+    cfg = glm_tokenizer_config(**over)
+    torch.manual_seed(seed)
+    model = WhisperVQEncoder(WhisperVQConfig.from_dict(cfg))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in drop}
+    save_file(state, str(out_dir / "model.safetensors"))
+    return out_dir
+
+
+# -- BSRNN enhancer ------------------------------------------------------------------------------
+
+#: A few-thousand-parameter BSRNN at 48 kHz with three bands.
+TINY_BSRNN = dict(feature_dim=12, hidden_dim=12, num_layers=2,
+                  band_scheme=((2000.0, 500.0), (8000.0, 2000.0), (24000.0, 8000.0)))
+
+
+def tiny_bsrnn(**kw: object) -> BSRNN:
+    """A random :data:`TINY_BSRNN` (seed 0), ``kw`` overriding its config."""
+    torch.manual_seed(0)
+    return BSRNN(BSRNNConfig(**{**TINY_BSRNN, **kw})).eval()
+
+
+def identity_masks_(model: BSRNN) -> BSRNN:
+    """Set the mask heads to output exactly 1+0j: the model then must reproduce its input.
+
+    Every other weight stays random, so all of BSRNN's computation still runs; what comes out
+    is the input, which keeps downstream stages hearing speech.
+    """
+    with torch.no_grad():
+        for (lo, hi), fc in zip(model.bands, model.mask.fc2):
+            bw = hi - lo
+            fc.weight.zero_()
+            # GLU(a, b) = a * sigmoid(b); a is (re, im) interleaved per bin.
+            fc.bias[: 2 * bw] = torch.tensor([1.0, 0.0]).repeat(bw)
+            fc.bias[2 * bw :] = 40.0
+    return model
 
 
 def recording_from_segments(segments: list[dict]) -> dict:

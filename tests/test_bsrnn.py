@@ -12,7 +12,6 @@ import soundfile as sf
 import torch
 
 from kimia_model.bsrnn import (
-    BSRNN,
     BSRNNConfig,
     CheckpointError,
     SampleRateError,
@@ -21,32 +20,15 @@ from kimia_model.bsrnn import (
     validate_checkpoint,
 )
 from kimia_model.bsrnn_train import TrainConfig, si_sdr, train
+from factories import TINY_BSRNN, identity_masks_, tiny_bsrnn
 
 SR = 48000
-TINY = dict(feature_dim=12, hidden_dim=12, num_layers=2, band_scheme=((2000.0, 500.0), (8000.0, 2000.0), (24000.0, 8000.0)))
 AUDIOEVAL = Path(next(iter(importlib.util.find_spec("pytest_audioeval").submodule_search_locations))) / "samples" / "audio"
 
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
-
-
-def tiny(**kw: object) -> BSRNN:
-    torch.manual_seed(0)
-    return BSRNN(BSRNNConfig(**{**TINY, **kw})).eval()
-
-
-def make_identity(model: BSRNN) -> BSRNN:
-    """Set the mask heads to output exactly 1+0j: the model then must reproduce its input."""
-    with torch.no_grad():
-        for (lo, hi), fc in zip(model.bands, model.mask.fc2):
-            bw = hi - lo
-            fc.weight.zero_()
-            # GLU(a, b) = a * sigmoid(b); a is (re, im) interleaved per bin.
-            fc.bias[: 2 * bw] = torch.tensor([1.0, 0.0]).repeat(bw)
-            fc.bias[2 * bw :] = 40.0
-    return model
 
 
 def noise(n: int, seed: int = 0) -> np.ndarray:
@@ -77,13 +59,13 @@ def test_default_band_split_covers_every_bin_once() -> None:
 )
 def test_bad_config_is_rejected(kw: dict) -> None:
     with pytest.raises(ValueError):
-        BSRNNConfig(**{**TINY, **kw})
+        BSRNNConfig(**{**TINY_BSRNN, **kw})
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("length", [1, 479, 4801])
 def test_identity_mask_reconstructs_input_exactly(causal: bool, length: int) -> None:
-    model = make_identity(tiny(causal=causal))
+    model = identity_masks_(tiny_bsrnn(causal=causal))
     x = noise(length)
     with torch.no_grad():
         y = model(torch.from_numpy(x)).numpy()
@@ -93,7 +75,7 @@ def test_identity_mask_reconstructs_input_exactly(causal: bool, length: int) -> 
 
 def test_noncausal_chunk_crossfade_has_no_seams() -> None:
     """With an identity mask any seam would show: the fades must sum to one everywhere."""
-    model = make_identity(tiny(causal=False))
+    model = identity_masks_(tiny_bsrnn(causal=False))
     x = noise(SR * 2 + 77)
     y = model.enhance(x, SR, chunk_seconds=0.3, overlap_seconds=0.1)
     np.testing.assert_allclose(y, x, atol=1e-5)
@@ -104,7 +86,7 @@ def test_noncausal_chunk_crossfade_has_no_seams() -> None:
 
 @pytest.mark.parametrize("chunk_seconds", [0.0107, 0.25, 1.0, 60.0])
 def test_causal_chunked_equals_whole_file(chunk_seconds: float) -> None:
-    model = tiny(causal=True)
+    model = tiny_bsrnn(causal=True)
     x = noise(SR * 2 + 123)
     with torch.no_grad():
         whole = model(torch.from_numpy(x)).numpy()
@@ -115,7 +97,7 @@ def test_causal_chunked_equals_whole_file(chunk_seconds: float) -> None:
 
 
 def test_causal_model_ignores_the_future() -> None:
-    model = tiny(causal=True)
+    model = tiny_bsrnn(causal=True)
     x = noise(SR)
     x2 = x.copy()
     cut = SR // 2
@@ -129,14 +111,14 @@ def test_causal_model_ignores_the_future() -> None:
 
 
 def test_noncausal_model_cannot_stream() -> None:
-    model = tiny(causal=False)
+    model = tiny_bsrnn(causal=False)
     with pytest.raises(RuntimeError, match="causal"):
         model.stream(torch.zeros(1, 960), model.init_stream())
 
 
 def test_sample_rate_mismatch_is_one_line_error() -> None:
     with pytest.raises(SampleRateError) as err:
-        tiny().enhance(np.zeros(16000, np.float32), 16000)
+        tiny_bsrnn().enhance(np.zeros(16000, np.float32), 16000)
     assert "48000" in str(err.value) and "16000" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -144,7 +126,7 @@ def test_sample_rate_mismatch_is_one_line_error() -> None:
 
 
 def test_checkpoint_roundtrip(tmp_path: Path) -> None:
-    model = tiny(causal=True)
+    model = tiny_bsrnn(causal=True)
     save_checkpoint(model, tmp_path / "ck")
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["feature_dim"] == 12
     loaded = load_checkpoint(tmp_path / "ck")
@@ -163,7 +145,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 
 
 def test_config_shape_mismatch_names_the_tensor(tmp_path: Path) -> None:
-    ck = save_checkpoint(tiny(), tmp_path / "ck")
+    ck = save_checkpoint(tiny_bsrnn(), tmp_path / "ck")
     cfg = json.loads((ck / "config.json").read_text())
     cfg["hidden_dim"] = 16
     (ck / "config.json").write_text(json.dumps(cfg))
@@ -176,8 +158,8 @@ def test_config_shape_mismatch_names_the_tensor(tmp_path: Path) -> None:
 def test_missing_and_unexpected_tensors_are_named(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    ck = save_checkpoint(tiny(), tmp_path / "ck")
-    state = {k: v.contiguous() for k, v in tiny().state_dict().items()}
+    ck = save_checkpoint(tiny_bsrnn(), tmp_path / "ck")
+    state = {k: v.contiguous() for k, v in tiny_bsrnn().state_dict().items()}
     state.pop("mask.fc2.0.bias")
     state["extra.weight"] = torch.zeros(2)
     save_file(state, str(ck / "model.safetensors"))
@@ -188,7 +170,7 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path: Path) -> None:
 
 
 def test_corrupt_checkpoint_is_one_line_error(tmp_path: Path) -> None:
-    ck = save_checkpoint(tiny(), tmp_path / "ck")
+    ck = save_checkpoint(tiny_bsrnn(), tmp_path / "ck")
     data = (ck / "model.safetensors").read_bytes()
     (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError) as err:
@@ -200,7 +182,7 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path: Path) -> None:
 
 
 def test_bad_or_missing_config_json(tmp_path: Path) -> None:
-    ck = save_checkpoint(tiny(), tmp_path / "ck")
+    ck = save_checkpoint(tiny_bsrnn(), tmp_path / "ck")
     (ck / "config.json").write_text('{"feature_dims": 3}')
     with pytest.raises(CheckpointError, match="unknown BSRNN config keys: feature_dims"):
         load_checkpoint(ck)
@@ -210,7 +192,7 @@ def test_bad_or_missing_config_json(tmp_path: Path) -> None:
 
 
 def test_nan_weights_are_rejected(tmp_path: Path) -> None:
-    model = tiny()
+    model = tiny_bsrnn()
     with torch.no_grad():
         model.mask.fc2[0].bias[0] = float("nan")
     ck = save_checkpoint(model, tmp_path / "ck")
@@ -243,7 +225,7 @@ def _train_cfg(tmp_path: Path, steps: int, **kw: object) -> TrainConfig:
     return TrainConfig.model_validate(
         {
             "out_dir": str(tmp_path / "run"),
-            "model": {**TINY, "band_scheme": [list(p) for p in TINY["band_scheme"]]},
+            "model": {**TINY_BSRNN, "band_scheme": [list(p) for p in TINY_BSRNN["band_scheme"]]},
             "data": {
                 "clean": clean,
                 "noise": noise_dirs,

@@ -18,6 +18,7 @@ from kimia_model.whisper_vq.loaders import load_encoder
 from kimia_model.whisper_vq.model import CheckpointError, WhisperVQConfig, WhisperVQEncoder
 from kimia_model.whisper_vq.timing import token_count
 from kimia_model.whisper_vq.tokenizer import WhisperVQTokenizer
+from factories import glm_tokenizer_config, write_glm_tokenizer
 
 torch.set_num_threads(1)
 SR = 16000
@@ -32,53 +33,6 @@ def speechlike(n: int, seed: int = 0) -> np.ndarray:
     env = 0.5 + 0.5 * np.sin(2 * np.pi * 1.3 * t + seed)
     tone = np.sin(2 * np.pi * (200 + 40 * seed) * t) + 0.3 * np.sin(2 * np.pi * 1300 * t)
     return (0.1 * env * tone + 0.02 * rng.standard_normal(n)).astype(np.float32)
-
-
-def upstream_config(**over: object) -> dict:
-    """A tiny config.json in GLM-4-Voice's layout (same keys as the shipped one)."""
-    cfg = {
-        "architectures": ["WhisperVQEncoder"],
-        "model_type": "whisper",
-        "d_model": 16,
-        "encoder_layers": 4,
-        "encoder_attention_heads": 2,
-        "encoder_ffn_dim": 32,
-        "num_mel_bins": 128,
-        "max_source_positions": 1500,
-        "activation_function": "gelu",
-        "encoder_causal_convolution": True,
-        "encoder_causal_attention": False,
-        "quantize_causal_encoder": False,
-        "quantize_causal_block_size": 200,
-        "pooling_kernel_size": 4,
-        "pooling_type": "avg",
-        "pooling_position": 2,
-        "quantize_position": 2,
-        "quantize_vocab_size": 64,
-        "quantize_encoder_only": True,
-        "quantize_ema_decay": 0.99,
-        "quantize_commit_coefficient": 0.25,
-        "scale_embedding": False,
-        "torch_dtype": "float32",
-    }
-    cfg.update(over)
-    return cfg
-
-
-def save_upstream(tmp: Path, seed: int = 0, drop: tuple[str, ...] = (), **over: object) -> Path:
-    """Random weights saved exactly as the upstream tokenizer ships: config.json + model.safetensors."""
-    from safetensors.torch import save_file
-
-    cfg = upstream_config(**over)
-    torch.manual_seed(seed)
-    model = WhisperVQEncoder(WhisperVQConfig.from_dict(cfg))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "config.json").write_text(json.dumps(cfg))
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in drop}
-    save_file(state, str(tmp / "model.safetensors"))
-    return tmp
 
 
 def save_openai_pt(path: Path, n_layer: int = 2, seed: int = 0) -> Path:
@@ -175,7 +129,7 @@ def test_ctranslate2_encoder_matches_ctranslate2() -> None:
 
 
 def test_upstream_checkpoint_loads_and_tokenizes(tmp_path: Path) -> None:
-    d = save_upstream(tmp_path / "glm")
+    d = write_glm_tokenizer(tmp_path / "glm")
     tok = WhisperVQTokenizer.load(d)
     assert tok.padding == "multiple" and tok.encoder.num_layers == 2  # encoder-only: quantize_position layers
     out = tok([speechlike(3 * SR)], features=True)[0]
@@ -200,38 +154,38 @@ def test_block_causal_attention_and_causal_conv(tmp_path: Path) -> None:
     tail = slice(63900, None)
     base[tail] *= 0.05  # keep the per-window log-mel maximum in the first block for both inputs
     changed[tail] = 0.005 * rng.standard_normal(len(changed[tail])).astype(np.float32)
-    causal = WhisperVQTokenizer.load(save_upstream(tmp_path / "c"))
+    causal = WhisperVQTokenizer.load(write_glm_tokenizer(tmp_path / "c"))
     a, b = (r.pooled for r in causal([base, changed], tokens=False, pooled=True))
     np.testing.assert_array_equal(a[:50], b[:50])
     assert not np.allclose(a[50:], b[50:])
     full = WhisperVQTokenizer.load(
-        save_upstream(tmp_path / "nc", encoder_causal_convolution=False, quantize_causal_block_size=None)
+        write_glm_tokenizer(tmp_path / "nc", encoder_causal_convolution=False, quantize_causal_block_size=None)
     )
     a, b = (r.pooled for r in full([base, changed], tokens=False, pooled=True))
     assert not np.allclose(a[:50], b[:50])
 
 
 def test_upstream_mismatch_is_a_clear_error(tmp_path: Path) -> None:
-    d = save_upstream(tmp_path / "glm")
+    d = write_glm_tokenizer(tmp_path / "glm")
     cfg = json.loads((d / "config.json").read_text())
     cfg["d_model"] = 32
     cfg["encoder_attention_heads"] = 4
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"shape mismatch.*conv1\.weight"):
         load_encoder(d)
-    d2 = save_upstream(tmp_path / "glm2", quantize_position=3, pooling_position=2)
+    d2 = write_glm_tokenizer(tmp_path / "glm2", quantize_position=3, pooling_position=2)
     cfg = json.loads((d2 / "config.json").read_text())
     cfg["quantize_position"] = 4
     (d2 / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"missing.*layers\.3"):
         load_encoder(d2)
-    (d2 / "config.json").write_text(json.dumps(upstream_config(pooling_kernel_size=2)))
+    (d2 / "config.json").write_text(json.dumps(glm_tokenizer_config(pooling_kernel_size=2)))
     with pytest.raises(CheckpointError, match="12.5 Hz"):
         load_encoder(d2)
     # Training-only EMA statistics may be absent; a missing weight may not.
-    assert load_encoder(save_upstream(tmp_path / "noema", drop=("ema_count", "ema_weight"))).codebook is not None
+    assert load_encoder(write_glm_tokenizer(tmp_path / "noema", drop=("ema_count", "ema_weight"))).codebook is not None
     with pytest.raises(CheckpointError, match=r"missing.*codebook\.weight"):
-        load_encoder(save_upstream(tmp_path / "nocb", drop=("codebook.weight",)))
+        load_encoder(write_glm_tokenizer(tmp_path / "nocb", drop=("codebook.weight",)))
     with pytest.raises(CheckpointError, match="not a Whisper checkpoint"):
         load_encoder(tmp_path / "nothing.bin")
 
@@ -242,7 +196,7 @@ def test_upstream_mismatch_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, WhisperVQTokenizer]:
     tmp = tmp_path_factory.mktemp("tok")
-    upstream = WhisperVQTokenizer.load(save_upstream(tmp / "glm"), max_batch_windows=3)
+    upstream = WhisperVQTokenizer.load(write_glm_tokenizer(tmp / "glm"), max_batch_windows=3)
     pt = save_openai_pt(tmp / "w.pt")
     cb = CodebookFile(np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32), pool_layer=1)
     cb.save(tmp / "cb.safetensors")

@@ -51,6 +51,9 @@ class WhisperVQTokenizer:
         model_id: the id recorded in provenance.
     """
 
+    #: The encoder's attention kernel (``F.scaled_dot_product_attention``), named in run records.
+    attention = "sdpa"
+
     def __init__(
         self,
         encoder: WhisperVQEncoder,
@@ -73,6 +76,11 @@ class WhisperVQTokenizer:
         self.pack_gap = None
         if pack_gap_s is not None and self.padding == "full":
             self.pack_gap = tokens_in_window(int(round(pack_gap_s * 16000))) * SAMPLES_PER_TOKEN
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The encoder's weight dtype: float32 as loaded, on every device (nothing casts it)."""
+        return next(self.encoder.parameters()).dtype
 
     @classmethod
     def load(

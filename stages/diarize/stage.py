@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from kimia_model.audio import resample
-from stages.base import Row, Stage, StageConfig, StageError
+from stages.base import Row, Stage, StageConfig, StageError, runtime_label
 from stages.diarize.postprocess import (
     Chunk,
     PostprocessParams,
@@ -218,6 +218,7 @@ class DiarizeStage(Stage):
         super().__init__(config, context)
         self._vad = vad
         self.embedder = embedder
+        self._device = "cpu"  # what setup() resolves
         self.backend: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -241,7 +242,7 @@ class DiarizeStage(Stage):
         from stages.diarize.embedders import build_embedder
 
         c = self.config
-        device = self.resolve_device()
+        device = self._device = self.resolve_device()
         if c.needs_embedder and self.embedder is None:
             self.embedder = build_embedder(c.embedding, c.embedding_model or None, device, self.context.cache_dir)
         if c.backend == "offline":
@@ -259,6 +260,14 @@ class DiarizeStage(Stage):
                 max_speakers=c.max_speakers,
                 num_speakers=c.num_speakers,
             )
+
+    def runtime(self) -> str | None:
+        if self.backend is None:
+            return None
+        # Segmentation and embedders are LSTM / CNN nets run as loaded (float32); the packaged
+        # voicefilter d-vector is an int8 ONNX model.
+        dtype = "int8" if self.config.needs_embedder and self.config.embedding == "voicefilter" else "float32"
+        return runtime_label(self._device, dtype, "none")
 
     def model_id(self) -> str:
         c = self.config

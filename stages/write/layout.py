@@ -73,6 +73,9 @@ class RecordingOutcome:
     #: Segments per "language: labeller (why not the configured one)", e.g. Mandarin that fell
     #: back to Whisper because no Paraformer-zh was staged.
     labellers: dict[str, int] = field(default_factory=dict)
+    #: Segments per "stage: device dtype attention" of the model stages that touched them
+    #: (``provenance.<stage>.runtime``), so a summary says which numerics a run measured.
+    runtimes: dict[str, int] = field(default_factory=dict)
 
 
 def plain(value: Any) -> Any:

@@ -256,6 +256,11 @@ class ShardWriter:
         rec_timings = dict(rec.get("timings") or {})
         placed: set[str] = set()
         for key, view in zip(keys, views):
+            provenance = {**(rec.get("provenance") or {}), **(view.get("provenance") or {})}
+            for stage, stamp in provenance.items():
+                if isinstance(stamp, dict) and stamp.get("runtime"):
+                    label = f"{stage}: {stamp['runtime']}"
+                    outcome.runtimes[label] = outcome.runtimes.get(label, 0) + 1
             if view.get("labeller"):
                 label = f"{view.get('language') or '?'}: {view['labeller']}"
                 if view.get("labeller_note"):
@@ -272,7 +277,7 @@ class ShardWriter:
                 outcome.kept += 1
                 outcome.kept_s += float(view["duration_s"])
             root = DROPPED if drop else KEPT
-            view = {**view, "provenance": {**(rec.get("provenance") or {}), **(view.get("provenance") or {})}}
+            view = {**view, "provenance": provenance}
             meta = sample_metadata(view, len(segments), rec_timings, float(view["duration_s"]) / total)
             self._shard(root).add(key, sample_members(view, self.config.store_enhanced), meta)
             placed.add(root)
@@ -384,6 +389,7 @@ class Summary:
         self.drops: Counter[str] = Counter()
         self.quarantine: Counter[str] = Counter()
         self.labellers: Counter[str] = Counter()
+        self.runtimes: Counter[str] = Counter()
 
     def add(self, o: RecordingOutcome) -> None:
         self.recordings += 1
@@ -396,6 +402,7 @@ class Summary:
             self.stage_s[k] += v
         self.drops.update(o.drop_reasons)
         self.labellers.update(o.labellers)
+        self.runtimes.update(o.runtimes)
         for q in o.quarantine:
             self.quarantine[f"{q['stage']}: {str(q['error']).split(':')[0]}"] += 1
 
@@ -413,6 +420,7 @@ class Summary:
             "drop_reasons": dict(self.drops.most_common()),
             "quarantine_reasons": dict(self.quarantine.most_common()),
             "labellers": dict(self.labellers.most_common()),
+            "runtimes": dict(self.runtimes.most_common()),
         }
 
 
