@@ -112,6 +112,15 @@ class TranscribeConfig(StageConfig):
         description="Silence (s) between packed segments: room for the aligner to put word boundaries "
         "in, and a pause Whisper reads as a sentence break. Larger = fewer segments per window.",
     )
+    pack_redo_below: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="A packed segment whose share of its window's text tokens is below this fraction of its "
+        "share of the window's audio is decoded again alone: Whisper can write a sentence said twice in "
+        "one window only once, and the aligner can then hand a segment's words to its neighbour. "
+        "0 = never.",
+    )
     pack_timestamps: bool = Field(
         False,
         description="Decode packed windows in Whisper's timestamp mode. Off by default: measured on "
@@ -273,6 +282,24 @@ def plan_grouped_windows(
                 t += lengths[m] + gap
             windows.append((lang, members, spans))
     return windows
+
+
+def under_share(tokens: list[int], lengths: list[int], below: float) -> list[int]:
+    """Members of a packed window whose text is short for their audio (indices into the window).
+
+    A member's expected tokens are the window's tokens times its share of the window's audio;
+    one that got fewer than ``below`` times that (and the window said something) lost words,
+    typically a sentence repeated in the window that Whisper wrote once.
+
+    >>> under_share([12, 1, 10], [16000, 16000, 16000], 0.5)
+    [1]
+    >>> under_share([0, 0], [16000, 16000], 0.5), under_share([3, 9], [8000, 24000], 0.5)
+    ([], [])
+    """
+    total, audio = sum(tokens), sum(lengths)
+    if below <= 0 or total == 0 or audio == 0 or len(tokens) < 2:
+        return []
+    return [k for k, (n, length) in enumerate(zip(tokens, lengths)) if n < below * total * length / audio]
 
 
 def assign_words(words: list[tuple[float, float]], spans: list[tuple[float, float]]) -> list[int]:
@@ -503,8 +530,9 @@ class FasterWhisperBackend:
         in the unpacked path. ``no_speech_prob`` is the
         window's: Whisper computes it once, at the first decoding step, so it describes the
         window, and a silent segment packed with speech gets a low value (it still gets empty
-        text). A segment left with no words is decoded again alone (unpacked path), so its
-        fields are then exactly the unpacked ones.
+        text). A segment left with no words, or with far fewer than its share of the audio
+        (``pack_redo_below``, :func:`under_share`), is decoded again alone (unpacked path), so
+        its fields are then exactly the unpacked ones.
         """
         if forced:
             languages: list[str | None] = list(forced)
@@ -572,6 +600,7 @@ class FasterWhisperBackend:
                 alignments[w] = a
 
         out: list[dict[str, Any] | None] = [None] * len(clips)
+        thin: list[int] = []  # segments that got far fewer tokens than their share of the audio
         for w, (lang, members, spans) in enumerate(windows):
             tok = toks[lang]
             window_logprob = self._avg_logprob(results[w], len(texts[w]))
@@ -584,6 +613,8 @@ class FasterWhisperBackend:
                 for word_tokens, logps, k in self._split_words(tok, texts[w], alignments[w], span_s):
                     seg_tokens[k] += word_tokens
                     seg_logprobs[k] += logps
+                thin += [members[k] for k in under_share([len(t) for t in seg_tokens], [b - a for a, b in spans],
+                                                          self.config.pack_redo_below)]
             for k, m in enumerate(members):
                 text = tok.decode(seg_tokens[k]).strip()
                 out[m] = {
@@ -595,9 +626,10 @@ class FasterWhisperBackend:
                     "compression_ratio": compression_ratio(text),
                 }
         # Whisper may leave a segment of a window untranscribed (in timestamp mode it "defers" a
-        # last utterance to a next window that never comes); such a segment is decoded again on
-        # its own window, so packing never silently loses speech. Silent segments pay for this.
-        empty = [i for i, o in enumerate(out) if o is not None and not o["text"]]
+        # last utterance to a next window that never comes), or write a sentence said twice in
+        # the window once; such a segment is decoded again on its own window, so packing never
+        # silently loses speech. Silent segments pay for this.
+        empty = sorted({i for i, o in enumerate(out) if o is not None and not o["text"]} | set(thin))
         if empty:
             redo = self._transcribe_unpacked([clips[i] for i in empty], [forced[i] for i in empty] if forced else None)
             for i, res in zip(empty, redo):

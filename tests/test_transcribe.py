@@ -334,3 +334,24 @@ def test_batch_mixing_shared_and_lone_windows(base_asr, english_clips) -> None:
     out = base_asr.transcribe(audios, 16000, groups=["a", "a", "b"])
     for ref, res in zip(refs, out):
         assert _wer(ref, res["text"]) <= 0.25, (ref, res["text"])
+
+
+def test_a_packed_segment_robbed_of_its_words_is_decoded_again_alone(english_clips, monkeypatch) -> None:
+    """When the aligner hands most of a segment's words to its neighbour (or Whisper writes a
+    repeated sentence once), the short-changed segment is decoded again on its own window."""
+    asr = build_asr(TranscribeConfig(model="pkg:whisper-base"), StageContext())
+    clips = {p.name: (sf.read(p, dtype="float32")[0], ref) for p, ref in english_clips}
+    (fox, fox_ref), (count, count_ref) = clips["quick_brown_fox.wav"], clips["counting.wav"]
+    split = asr._split_words
+
+    def rob_the_second(*args, **kwargs):  # the second segment keeps its last word only
+        words = split(*args, **kwargs)
+        last = max(i for i, (_t, _lp, k) in enumerate(words) if k == 1)
+        return [(t, lp, 1 if i == last else 0) for i, (t, lp, _k) in enumerate(words)]
+
+    monkeypatch.setattr(asr, "_split_words", rob_the_second)
+    first, second = asr.transcribe([fox, count], 16000)
+    assert _wer(count_ref, second["text"]) <= 0.1, second["text"]  # redone alone: its own words back
+    assert _wer(fox_ref, first["text"]) > 0.3  # the first one kept what it was handed
+    asr.config.pack_redo_below = 0.0  # the guard off: the second segment keeps one word
+    assert len(asr.transcribe([fox, count], 16000)[1]["text"].split()) == 1
