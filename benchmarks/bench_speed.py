@@ -135,8 +135,8 @@ def profile_lines(run: dict[str, Any], wall: float, audio_s: float) -> list[str]
                      f"{100 * (st.get('share_of_wall') or 0):3.0f} % of wall  x{st['workers']} workers")
     inner = run.get("wall_seconds") or 0.0
     lines.append(f"    overhead    {prof.get('overhead_s', 0):7.1f} s of the run's own {inner:.1f} s "
-                 f"({100 * (prof.get('overhead_share') or 0):.0f} %; busiest stage {prof.get('busiest')}); "
-                 f"process start-up and exit {wall - inner:.1f} s")
+                 f"({100 * (prof.get('overhead_share') or 0):.0f} %; busiest stage {prof.get('busiest')}; "
+                 f"Ray start-up {prof.get('ray_start_s') or 0:.1f} s); process start-up and exit {wall - inner:.1f} s")
     return lines
 
 

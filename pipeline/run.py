@@ -196,8 +196,11 @@ def _run_locked(
     seen: set[str] = set()
     lost: list[dict[str, Any]] = []
     first_commit_s: float | None = None
+    ray_start_s: float | None = None
     if todo:
+        t_ray = time.perf_counter()
         init_ray(cfg, address, verbose=verbose)
+        ray_start_s = time.perf_counter() - t_ray
         import ray
 
         size_pools(stages, ray.cluster_resources(), _biggest_node_cpus(ray))
@@ -234,6 +237,8 @@ def _run_locked(
     audio_s = run_summary["hours_in"] * 3600
     run_summary["end_to_end_rtf"] = round(wall / audio_s, 5) if audio_s else None
     run_summary["profile"] = stage_profile(run_summary["stage_seconds"], stages, wall, audio_s)
+    # Part of the overhead, measured on its own: starting (or joining) Ray.
+    run_summary["profile"]["ray_start_s"] = None if ray_start_s is None else round(ray_start_s, 3)
     summary["this_run"] = run_summary
     summary["failed"] = run_summary["failed"]
     summary["config_hash"] = cfg.config_hash()
@@ -299,8 +304,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{k} {v['busy_s']:.1f}s/{v['rtf']}/{100 * (v['share_of_wall'] or 0):.0f}%"
             for k, v in profile["stages"].items()
         ))
+        ray_start = profile.get("ray_start_s")
         lines.append(f"framework overhead: {profile['overhead_s']:.1f} s ({100 * (profile['overhead_share'] or 0):.0f}% "
-                     f"of wall; wall minus the busiest stage, {profile['busiest']}, over its workers)")
+                     f"of wall; wall minus the busiest stage, {profile['busiest']}, over its workers"
+                     + (f"; Ray start-up {ray_start:.1f} s of it)" if ray_start is not None else ")"))
     if r["drop_reasons"]:
         lines.append("dropped by reason: " + ", ".join(f"{k}={v}" for k, v in r["drop_reasons"].items()))
     if r.get("failed"):

@@ -121,6 +121,7 @@ def test_manifest_summary(finished_run: Path) -> None:
     assert set(profile["stages"]) >= {"decode", "diarize", "transcribe", "quality", "filter", "write"}
     assert all(0 <= s["share_of_wall"] for s in profile["stages"].values())
     assert profile["busiest"] in profile["stages"] and 0 <= profile["overhead_share"] <= 1
+    assert 0 <= profile["ray_start_s"] < summary["this_run"]["wall_seconds"]  # 0 when Ray was already up
     assert 0 < summary["this_run"]["first_commit_seconds"] <= summary["this_run"]["wall_seconds"]
 
 
