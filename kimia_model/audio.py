@@ -180,25 +180,38 @@ def decode_bytes(data: bytes) -> tuple[np.ndarray, int]:
     return downmix(audio), int(sr)
 
 
+def frame_levels(audio: np.ndarray, sr: int, hop_s: float = 0.01) -> np.ndarray:
+    """RMS of consecutive ``hop_s`` frames (a trailing partial frame is dropped).
+
+    >>> frame_levels(np.ones(25, np.float32), 1000).tolist()
+    [1.0, 1.0]
+    """
+    hop = max(1, int(hop_s * sr))
+    n = len(audio) // hop
+    if n == 0:
+        return np.zeros(0)
+    return np.sqrt(np.mean(np.asarray(audio[: n * hop], np.float64).reshape(n, hop) ** 2, axis=1))
+
+
 def quiet_runs(audio: np.ndarray, sr: int, *, hop_s: float = 0.01, below_db: float = 35.0,
-                 min_s: float = 0.1) -> list[tuple[float, float]]:
+               min_s: float = 0.1, levels: np.ndarray | None = None) -> list[tuple[float, float]]:
     """(start_s, end_s) of stretches at least ``min_s`` long that are quiet: below the loud
     level (95th percentile of 10 ms frame levels) by ``below_db``, or within 6 dB of the noise
     floor (5th percentile) when the floor is higher than that.
 
     Levels are relative to the recording itself, so the same rule finds the pauses of a quiet
     studio take and of a noisy street interview; used wherever a cut must fall between words.
+    A caller that needs the frame levels too passes ``levels`` (:func:`frame_levels` of the
+    same audio and ``hop_s``) so they are computed once.
 
     >>> sr = 1000
     >>> x = np.concatenate([np.ones(500), np.zeros(300), np.ones(500)]).astype(np.float32)
     >>> quiet_runs(x, sr)
     [(0.5, 0.8)]
     """
-    hop = max(1, int(hop_s * sr))
-    n = len(audio) // hop
-    if n == 0:
+    rms = frame_levels(audio, sr, hop_s) if levels is None else levels
+    if rms.size == 0:
         return []
-    rms = np.sqrt(np.mean(np.asarray(audio[: n * hop], np.float64).reshape(n, hop) ** 2, axis=1))
     db = 20 * np.log10(rms + 1e-10)
     threshold = max(np.percentile(db, 95) - below_db, np.percentile(db, 5) + 6.0)
     quiet = np.concatenate([[False], db < threshold, [False]])

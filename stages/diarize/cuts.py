@@ -27,7 +27,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from kimia_model.audio import quiet_runs
+from kimia_model.audio import frame_levels, quiet_runs
 from stages.diarize.postprocess import Chunk, Turn
 
 #: How far inside a pause an edge is put, so the cut sample itself is silence.
@@ -80,11 +80,9 @@ def snap_to_pauses(
         audio: the recording at ``sr``.
         reach_s: how far an edge may move.
     """
-    runs = quiet_runs(audio, sr, min_s=0.06)
     hop = max(1, int(0.01 * sr))
-    n = len(audio) // hop
-    frames = np.asarray(audio[: n * hop], np.float64).reshape(n, hop) if n else np.zeros((0, hop))
-    levels = np.sqrt(np.mean(frames**2, axis=1)) if n else np.zeros(0)
+    levels = frame_levels(audio, sr, 0.01)
+    runs = quiet_runs(audio, sr, min_s=0.06, levels=levels)
     duration = len(audio) / sr
     starts = {t.start for t in turns}
     ends = {t.end for t in turns}
