@@ -129,19 +129,22 @@ def node_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def machine_threads(requested: int) -> int:
+def machine_threads(requested: int, cpus: int | None = None) -> int:
     """Intra-op threads for one model worker: ``requested``, or for 0 the node's CPUs (<= 8).
 
     A thread count never changes what a stage outputs (batches and threads only change
     speed), so a config with ``0`` gives the same labels on any machine while using a
-    2-core laptop and a 32-core node alike.
+    2-core laptop and a 32-core node alike. ``cpus`` names the node's CPUs when they are
+    known (the driver sizing pools); by default they are looked up (:func:`node_cpus`).
 
-    >>> machine_threads(3)
-    3
+    >>> machine_threads(3), machine_threads(0, cpus=64), machine_threads(0, cpus=2)
+    (3, 8, 2)
     >>> 1 <= machine_threads(0) <= MAX_AUTO_THREADS
     True
     """
-    return requested if requested > 0 else min(node_cpus(), MAX_AUTO_THREADS)
+    if requested > 0:
+        return requested
+    return min(node_cpus() if cpus is None else cpus, MAX_AUTO_THREADS)
 
 
 def plan_workers(stage: Stage, cpus: float, gpus: float, node_cpus: int) -> int:

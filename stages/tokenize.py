@@ -45,7 +45,6 @@ from kimia_model.audio import resample
 from kimia_model.refs import ModelNotFoundError, resolve
 from kimia_model.shipped_codebooks import ensure_codebook
 from stages.base import (
-    MAX_AUTO_THREADS,
     Row,
     Stage,
     StageConfig,
@@ -161,8 +160,8 @@ class TokenizeStage(Stage):
     cpu_share = 0.15
 
     def worker_threads(self, node_cpus: int) -> int:
-        """``torch_threads``, or for 0 the node's CPUs (at most 8), as :func:`machine_threads` resolves it."""
-        return self.config.torch_threads or min(node_cpus, MAX_AUTO_THREADS)
+        """``torch_threads``, machine-sized when 0: the same rule each worker applies in setup()."""
+        return machine_threads(self.config.torch_threads, node_cpus)
 
     def __init__(self, config: TokenizeConfig, context: StageContext | None = None) -> None:
         super().__init__(config, context)

@@ -32,7 +32,7 @@ from pydantic import Field
 
 from kimia_model.audio import quiet_runs, resample
 from kimia_model.refs import ModelNotFoundError, missing, resolve
-from stages.base import MAX_AUTO_THREADS, Row, Stage, StageConfig, StageContext, machine_threads, runtime_label
+from stages.base import Row, Stage, StageConfig, StageContext, machine_threads, runtime_label
 from stages.language import Decision, Evidence, PoolingParams, pool_languages
 from stages.textnorm import compression_ratio
 
@@ -952,8 +952,8 @@ class TranscribeStage(Stage):
     fallbacks: Mapping[str, str] = MappingProxyType({})
 
     def worker_threads(self, node_cpus: int) -> int:
-        """``cpu_threads``, or for 0 the node's CPUs (at most 8), as :func:`machine_threads` resolves it."""
-        return self.config.cpu_threads or min(node_cpus, MAX_AUTO_THREADS)
+        """``cpu_threads``, machine-sized when 0: the same rule each worker applies in setup()."""
+        return machine_threads(self.config.cpu_threads, node_cpus)
 
     def check(self) -> None:
         resolve_asr_model(self.config, self.context)
