@@ -296,7 +296,7 @@ def fit_codebook(
     import soundfile as sf
 
     from kimia_model.refs import resolve
-    from kimia_model.whisper_vq.codebook_file import CodebookFile
+    from kimia_model.whisper_vq.codebook_file import PADDINGS, CodebookFile
     from kimia_model.whisper_vq.loaders import load_encoder
     from kimia_model.whisper_vq.timing import SAMPLE_RATE
     from kimia_model.whisper_vq.tokenizer import WhisperVQTokenizer
@@ -314,8 +314,8 @@ def fit_codebook(
     enc = load_encoder(path)
     layer = enc.num_layers if pool_layer is None else pool_layer
     enc.set_pool_layer(layer)
-    if padding not in ("multiple", "full"):
-        raise ValueError(f"padding must be multiple or full, not {padding!r}")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, not {padding!r}")
     tok = WhisperVQTokenizer(enc, padding=padding, max_batch_windows=max_batch_windows, model_id=model_ref)
     files = list(iter_audio_files(inputs))
     if not files:

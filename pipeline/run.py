@@ -203,9 +203,10 @@ def _run_locked(
         ray_start_s = time.perf_counter() - t_ray
         import ray
 
-        size_pools(stages, ray.cluster_resources(), _biggest_node_cpus(ray))
+        cluster = ray.cluster_resources()
+        size_pools(stages, cluster, _biggest_node_cpus(ray))
         if not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-            check_resources(stages, ray.cluster_resources())  # an autoscaling cluster may grow: local only
+            check_resources(stages, cluster)  # an autoscaling cluster may grow: local only
         from pipeline.graph import build_dataset, duplicate_registry, iter_rows
 
         writer = stages[-1]
