@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from corpus import WORK, make_corpus  # noqa: E402
 
+from pipeline.run import overhead_parts  # noqa: E402
 from stages.textnorm import corpus_wer  # noqa: E402
 
 LABEL_ONLY = [
@@ -131,12 +132,13 @@ def profile_lines(run: dict[str, Any], wall: float, audio_s: float) -> list[str]
     prof = run.get("profile") or {}
     lines = []
     for name, st in (prof.get("stages") or {}).items():
+        when = f"  {st['first_s']:5.1f}-{st['last_s']:5.1f} s" if "first_s" in st else ""
         lines.append(f"    {name:11s} busy {st['busy_s']:7.1f} s  RTF {st['rtf']:.4f}  "
-                     f"{100 * (st.get('share_of_wall') or 0):3.0f} % of wall  x{st['workers']} workers")
+                     f"{100 * (st.get('share_of_wall') or 0):3.0f} % of wall  x{st['workers']} workers{when}")
     inner = run.get("wall_seconds") or 0.0
     lines.append(f"    overhead    {prof.get('overhead_s', 0):7.1f} s of the run's own {inner:.1f} s "
                  f"({100 * (prof.get('overhead_share') or 0):.0f} %; busiest stage {prof.get('busiest')}; "
-                 f"Ray start-up {prof.get('ray_start_s') or 0:.1f} s); process start-up and exit {wall - inner:.1f} s")
+                 + "; ".join(overhead_parts(prof)) + f"); process start-up and exit {wall - inner:.1f} s")
     return lines
 
 

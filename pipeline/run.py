@@ -25,7 +25,7 @@ from pipeline.config import RunConfig
 from pipeline.inputs import discover
 from pipeline.guard import OutputLock, check_config_compatible, output_fingerprint, save_fingerprint, saved_fingerprint
 from pipeline.ray_local import init_ray
-from stages.base import KIND_TRANSIENT, RetryPolicy, Stage, StageContext, plan_workers
+from stages.base import KIND_TRANSIENT, RetryPolicy, Stage, StageContext, merge_spans, plan_workers
 from stages.decode import DecodeStage
 from stages.filter import FilterStage
 from stages.quality import QualityStage
@@ -197,6 +197,7 @@ def _run_locked(
     lost: list[dict[str, Any]] = []
     first_commit_s: float | None = None
     ray_start_s: float | None = None
+    spans: dict[str, list[float]] = {}  # per stage: first call's start, last call's end (epoch s)
     if todo:
         t_ray = time.perf_counter()
         init_ray(cfg, address, verbose=verbose)
@@ -220,6 +221,7 @@ def _run_locked(
             if first_commit_s is None:
                 first_commit_s = time.perf_counter() - t_start
             outcome: RecordingOutcome = row["outcome"]
+            spans = merge_spans(spans, row.get("spans"))
             this_run.add(outcome)
             seen.add(outcome.source)
             failed.extend(q for q in outcome.quarantine if q.get("kind") == KIND_TRANSIENT)
@@ -237,7 +239,9 @@ def _run_locked(
     run_summary["first_commit_seconds"] = None if first_commit_s is None else round(first_commit_s, 3)
     audio_s = run_summary["hours_in"] * 3600
     run_summary["end_to_end_rtf"] = round(wall / audio_s, 5) if audio_s else None
-    run_summary["profile"] = stage_profile(run_summary["stage_seconds"], stages, wall, audio_s)
+    started = time.time() - wall  # the run's start on this clock, for the stages' spans
+    run_summary["profile"] = stage_profile(run_summary["stage_seconds"], stages, wall, audio_s,
+                                           {k: (a - started, b - started) for k, (a, b) in spans.items()})
     # Part of the overhead, measured on its own: starting (or joining) Ray.
     run_summary["profile"]["ray_start_s"] = None if ray_start_s is None else round(ray_start_s, 3)
     summary["this_run"] = run_summary
@@ -250,6 +254,7 @@ def _run_locked(
 
 def stage_profile(
     stage_seconds: dict[str, float], stages: list[Stage], wall: float, audio_s: float,
+    spans: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     """Where the time of a run went: each stage's busy time, and what the framework added.
 
@@ -260,14 +265,25 @@ def stage_profile(
     stages) is reported as ``overhead_s``: the part a user can only win back from the
     framework, not from faster models.
 
+    ``spans`` (seconds from the run's start: each stage's first call's start and last call's
+    end) split the overhead into where it lies: ``first_call_s``, the time before any stage
+    began (Ray start-up, worker processes, model loads), and ``tail_s``, the time after the
+    busiest stage's last call (the stages behind it finishing the last batch, the commit).
+    Spans come from each node's clock; on a cluster they are as good as its clock sync.
+
     >>> class S:  # a stand-in for a Stage: a name and a config with num_workers
     ...     def __init__(self, name, workers): self.name, self.config = name, type("C", (), {"num_workers": workers})
     >>> p = stage_profile({"decode": 2.0, "transcribe": 30.0}, [S("decode", 2), S("transcribe", 1)], 40.0, 200.0)
     >>> p["stages"]["transcribe"], p["busiest"], p["overhead_s"], p["overhead_share"]
     ({'busy_s': 30.0, 'workers': 1, 'rtf': 0.15, 'share_of_wall': 0.75}, 'transcribe', 10.0, 0.25)
+    >>> p = stage_profile({"decode": 2.0, "transcribe": 30.0}, [S("decode", 2), S("transcribe", 1)], 40.0, 200.0,
+    ...                   {"decode": (5.0, 8.0), "transcribe": (6.5, 37.0)})
+    >>> p["stages"]["transcribe"]["first_s"], p["first_call_s"], p["tail_s"]
+    (6.5, 5.0, 3.0)
     """
     workers = {s.name: int(s.config.num_workers) for s in stages}
     out: dict[str, Any] = {"stages": {}}
+    spans = spans or {}
     for name, busy in stage_seconds.items():
         out["stages"][name] = {
             "busy_s": round(busy, 3),
@@ -275,10 +291,16 @@ def stage_profile(
             "rtf": round(busy / audio_s, 5) if audio_s else None,
             "share_of_wall": round(busy / wall, 4) if wall else None,
         }
+        if name in spans:
+            out["stages"][name].update(first_s=round(spans[name][0], 3), last_s=round(spans[name][1], 3))
     path = {name: busy / max(1, workers.get(name, 1)) for name, busy in stage_seconds.items()}
     busiest = max(path, key=path.__getitem__) if path else None
     overhead = max(0.0, wall - (path[busiest] if busiest else 0.0))
     out.update(busiest=busiest, overhead_s=round(overhead, 3), overhead_share=round(overhead / wall, 4) if wall else None)
+    if spans:
+        out["first_call_s"] = round(max(0.0, min(a for a, _ in spans.values())), 3)
+    if busiest in spans:
+        out["tail_s"] = round(max(0.0, wall - spans[busiest][1]), 3)
     return out
 
 
@@ -286,6 +308,25 @@ def _progress(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc="recordings committed", unit="rec", disable=not enabled, file=sys.stderr)
+
+
+def overhead_parts(profile: dict[str, Any]) -> list[str]:
+    """Where a run's overhead lies, in words: before the first stage call, and after the busiest.
+
+    >>> overhead_parts({"ray_start_s": 4.4, "first_call_s": 11.7, "busiest": "transcribe",
+    ...                 "stages": {"transcribe": {"first_s": 20.9}}, "tail_s": 6.8})
+    ['Ray start-up 4.4 s of it', 'first stage call after 11.7 s, transcribe from 20.9 s', '6.8 s after its last call']
+    """
+    parts = []
+    if profile.get("ray_start_s") is not None:
+        parts.append(f"Ray start-up {profile['ray_start_s']:.1f} s of it")
+    if profile.get("first_call_s") is not None:
+        busiest = (profile.get("stages") or {}).get(profile.get("busiest") or "", {})
+        parts.append(f"first stage call after {profile['first_call_s']:.1f} s"
+                     + (f", {profile['busiest']} from {busiest['first_s']:.1f} s" if "first_s" in busiest else ""))
+    if profile.get("tail_s") is not None:
+        parts.append(f"{profile['tail_s']:.1f} s after its last call")
+    return parts
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -305,10 +346,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{k} {v['busy_s']:.1f}s/{v['rtf']}/{100 * (v['share_of_wall'] or 0):.0f}%"
             for k, v in profile["stages"].items()
         ))
-        ray_start = profile.get("ray_start_s")
         lines.append(f"framework overhead: {profile['overhead_s']:.1f} s ({100 * (profile['overhead_share'] or 0):.0f}% "
                      f"of wall; wall minus the busiest stage, {profile['busiest']}, over its workers"
-                     + (f"; Ray start-up {ray_start:.1f} s of it)" if ray_start is not None else ")"))
+                     + "".join(f"; {part}" for part in overhead_parts(profile)) + ")")
     if r["drop_reasons"]:
         lines.append("dropped by reason: " + ", ".join(f"{k}={v}" for k, v in r["drop_reasons"].items()))
     if r.get("failed"):

@@ -179,6 +179,20 @@ def plan_workers(stage: Stage, cpus: float, gpus: float, node_cpus: int) -> int:
     return max(1, int(cpus * stage.cpu_share / threads))
 
 
+def merge_spans(*spans: dict[str, Any] | None) -> dict[str, list[float]]:
+    """Per stage, the earliest start and latest end of several ``{stage: (start, end)}`` maps.
+
+    >>> merge_spans({"asr": (5.0, 9.0)}, None, {"asr": (2.0, 6.0), "vad": (1.0, 2.0)})
+    {'asr': [2.0, 9.0], 'vad': [1.0, 2.0]}
+    """
+    out: dict[str, list[float]] = {}
+    for m in spans:
+        for stage, (start, end) in (m or {}).items():
+            have = out.get(stage)
+            out[stage] = [float(start), float(end)] if have is None else [min(have[0], start), max(have[1], end)]
+    return out
+
+
 def runtime_label(device: str, dtype: Any, attention: str) -> str:
     """How a model runs, in one provenance string: ``"cuda bfloat16 flash_attention_2"``.
 
@@ -400,7 +414,7 @@ class Stage(ABC):
         failed = next((s for s in out["segments"] if s.get("error_kind") == KIND_TRANSIENT), None)
         if failed is None:
             return out
-        keep = ("recording_id", "source", "duration_s", "sample_rate", "source_meta", "timings", "provenance")
+        keep = ("recording_id", "source", "duration_s", "sample_rate", "source_meta", "timings", "provenance", "spans")
         return {
             **{k: out[k] for k in keep if k in out},
             "status": STATUS_QUARANTINED,
@@ -414,7 +428,7 @@ class Stage(ABC):
         passthrough = [r for r in rows if r.get("status", STATUS_OK) != STATUS_OK]
         if not todo:
             return rows
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         try:
             out = self.process_batch(todo)
         except Exception:  # noqa: BLE001 - isolate the bad row(s) below
@@ -422,7 +436,7 @@ class Stage(ABC):
             for row in todo:
                 out.extend(self._process_one(row))
         elapsed = time.perf_counter() - t0
-        self._stamp(out, elapsed)
+        self._stamp(out, elapsed, (started, started + elapsed))
         # Keep input order: pass-through rows go first; their order relative to processed
         # rows carries no meaning (they belong to other recordings).
         return passthrough + out
@@ -461,8 +475,14 @@ class Stage(ABC):
         )
         return rec
 
-    def _stamp(self, rows: list[Row], elapsed: float) -> None:
-        """Record provenance and apportion the batch's compute time over its output rows."""
+    def _stamp(self, rows: list[Row], elapsed: float, span: tuple[float, float] | None = None) -> None:
+        """Record provenance and apportion the batch's compute time over its output rows.
+
+        ``span`` is the call's (start, end) on this node's clock (epoch seconds). Each row
+        keeps, per stage, the earliest start and latest end of the calls that touched it
+        (``spans``): only the driver's run summary reads them (:func:`merge_spans`), to say
+        when the first stage began and how long the run went on after its busiest stage.
+        """
         ok = [r for r in rows if r.get("status", STATUS_OK) == STATUS_OK]
         stamp = {"model": self.model_id(), "config_hash": self.config.config_hash()}
         runtime = self.runtime()
@@ -477,4 +497,6 @@ class Stage(ABC):
                 prov = dict(r.get("provenance") or {})
                 prov[self.name] = stamp
                 r["provenance"] = prov
+                if span is not None:
+                    r["spans"] = merge_spans(r.get("spans"), {self.name: span})
             r["timings"] = timings

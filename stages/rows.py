@@ -44,7 +44,7 @@ AUDIO_FIELDS = ("audio", "audio_enhanced")
 #: Recording fields a view shows but a segment never stores (its own values win).
 _VIEW_ONLY = ("recording_duration_s",)
 #: Recording fields that stay with the recording: each segment has its own.
-_PER_SEGMENT = ("segments", "duration_s", "status", "provenance", "timings", *AUDIO_FIELDS)
+_PER_SEGMENT = ("segments", "duration_s", "status", "provenance", "timings", "spans", *AUDIO_FIELDS)
 
 
 class SegmentRow(TypedDict, total=False):

@@ -121,8 +121,26 @@ def test_manifest_summary(finished_run: Path) -> None:
     assert set(profile["stages"]) >= {"decode", "diarize", "transcribe", "quality", "filter", "write"}
     assert all(0 <= s["share_of_wall"] for s in profile["stages"].values())
     assert profile["busiest"] in profile["stages"] and 0 <= profile["overhead_share"] <= 1
-    assert 0 <= profile["ray_start_s"] < summary["this_run"]["wall_seconds"]  # 0 when Ray was already up
-    assert 0 < summary["this_run"]["first_commit_seconds"] <= summary["this_run"]["wall_seconds"]
+    wall = summary["this_run"]["wall_seconds"]
+    assert 0 <= profile["ray_start_s"] < wall  # 0 when Ray was already up
+    assert 0 < summary["this_run"]["first_commit_seconds"] <= wall
+    # When each stage worked: inside the run, and a stage starts only once the one before it
+    # has handed something on (write excepted: inputs quarantined at decode go straight to
+    # it); nothing starts before Ray is up.
+    spans = {k: (v["first_s"], v["last_s"]) for k, v in profile["stages"].items()}
+    assert spans.keys() == profile["stages"].keys()
+    assert all(0 <= a <= b <= wall + 0.5 for a, b in spans.values()), spans
+    order = [spans[k][0] for k in ("decode", "diarize", "transcribe", "quality", "filter")]
+    assert order == sorted(order), spans
+    assert spans["write"][1] >= spans["filter"][1], spans
+    assert profile["ray_start_s"] <= profile["first_call_s"] == min(a for a, _ in spans.values())
+    assert 0 <= profile["tail_s"] <= wall - profile["first_call_s"]
+    # Clock times stay out of OUT: two runs of the same input write the same sample metadata.
+    from stages.write import OutLayout
+
+    layout = OutLayout(finished_run)
+    _, members = next(layout.iter_samples(layout.committed_shards()[0]))
+    assert "spans" not in json.loads(members["json"]) and "spans" not in layout.index_columns(layout.committed_shards()[0])
 
 
 def test_rerun_is_a_no_op(finished_run: Path, corpus: Path, capsys) -> None:

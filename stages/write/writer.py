@@ -44,12 +44,12 @@ import numpy as np
 from pydantic import Field
 
 from kimia_model.audio import encode_flac
-from stages.base import KIND_BAD_INPUT, STATUS_EMPTY, STATUS_OK, STATUS_QUARANTINED, Row, Stage, StageConfig
+from stages.base import KIND_BAD_INPUT, STATUS_EMPTY, STATUS_OK, STATUS_QUARANTINED, Row, Stage, StageConfig, merge_spans
 from stages.rows import ARRAY_FIELDS, sample_key, segment_duration, segment_views
 from stages.write.layout import DROPPED, JSON_COLUMNS, KEPT, OutLayout, RecordingOutcome, plain
 
 #: Fields that never go into the sample JSON or the index.
-_INTERNAL = ("error_detail", "segments", "reason_detail")
+_INTERNAL = ("error_detail", "segments", "reason_detail", "spans")
 
 
 class WriteConfig(StageConfig):
@@ -347,6 +347,7 @@ class WriteStage(Stage):
         layout = OutLayout(self.out)
         name = self.commit_name(rows)
         outcomes = layout.find_commit(name)  # a retry of a batch that committed before its task died
+        started = time.time()
         if outcomes is None:
             t0 = time.perf_counter()
             writer = ShardWriter(layout, self.config, keep_dropped=self.keep_dropped, duplicates=self.duplicates)
@@ -356,12 +357,22 @@ class WriteStage(Stage):
             for o in outcomes:  # shared out by duration, like every stage's time
                 o.timings[self.name] = elapsed * ((o.duration_s or 1.0) / total)
             writer.commit(name)
-        return [{"source": o.source, "recording_id": o.recording_id, "outcome": o} for o in outcomes]
+        # When each stage worked on each recording goes to the driver's summary only (never
+        # into OUT: clock times would make two runs' outputs differ).
+        spans = {str(r.get("source")): recording_spans(r) for r in rows}
+        written = {"write": (started, time.time())}
+        return [{"source": o.source, "recording_id": o.recording_id, "outcome": o,
+                 "spans": merge_spans(spans.get(o.source), written)} for o in outcomes]
 
     def __call__(self, rows: list[Row]) -> list[Row]:
         # Every row is written, whatever its status, and a failure here is not a bad input:
         # it fails the task, nothing of the batch is committed, and a resume redoes it.
         return self.process_batch(rows) if rows else []
+
+
+def recording_spans(rec: Row) -> dict[str, list[float]]:
+    """A recording's stage spans (:func:`stages.base.merge_spans`), its segments' included."""
+    return merge_spans(rec.get("spans"), *(seg.get("spans") for seg in rec.get("segments") or []))
 
 
 class Summary:
