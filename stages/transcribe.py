@@ -685,7 +685,7 @@ class FasterWhisperBackend:
         no such times by itself. Each result's text is aligned again to its own clip (one more
         encoder pass and a cross-attention DTW, batched), split into Whisper words (for zh:
         every run of tokens that decodes to whole characters), and each boundary between two
-        words is snapped to the silence around it (:func:`snap_to_pauses`): DTW puts a word
+        words is snapped to the silence around it (:func:`snap_words_to_pauses`): DTW puts a word
         boundary somewhere inside a pause, so without this every gap would be 0. ``chars`` is
         ``[(word, start_s, end_s), ...]`` from the clip's start (the recogniser's punctuation
         stays attached to the word it follows); for a language in ``punctuate`` the text
@@ -725,7 +725,7 @@ class FasterWhisperBackend:
                         continue
                     if w.strip():
                         units.append([w.strip(), float(start[b0]), float(start[min(b1, len(ids))])])
-                timed = snap_to_pauses([tuple(u) for u in units], clips[i], ASR_SAMPLE_RATE)
+                timed = snap_words_to_pauses([tuple(u) for u in units], clips[i], ASR_SAMPLE_RATE)
                 results[i]["chars"] = timed
                 if lang in punctuate:
                     results[i]["text"] = punctuate_by_pauses(timed)
@@ -733,7 +733,7 @@ class FasterWhisperBackend:
         return results
 
 
-def snap_to_pauses(
+def snap_words_to_pauses(
     words: list[tuple[str, float, float]], audio: np.ndarray, sr: int, *, reach_s: float = 0.3
 ) -> list[tuple[str, float, float]]:
     """Words whose boundaries open onto the silence they were aligned into.

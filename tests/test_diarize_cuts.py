@@ -8,7 +8,7 @@ import numpy as np
 import soundfile as sf
 
 from kimia_model.audio import resample
-from stages.diarize.cuts import snap_to_pauses, speaker_purity
+from stages.diarize.cuts import snap_turns_to_pauses, speaker_purity
 from stages.diarize.postprocess import Chunk, Turn, cosine
 from tests.conftest import espeak
 
@@ -43,7 +43,7 @@ def test_edges_that_diarization_put_inside_words_move_into_pauses(tmp_path: Path
     (a0, b0), (a1, b1), (a2, b2) = speech
     turns = [Turn(a0 + 0.25, a1 + 0.2, 0), Turn(a1 + 0.2, a2 + 0.2, 1), Turn(a2 + 0.2, b2 - 0.25, 0)]
     assert all(_in_speech(t, speech) for turn in turns for t in (turn.start, turn.end))
-    snapped = snap_to_pauses(turns, audio, SR, reach_s=0.5)
+    snapped = snap_turns_to_pauses(turns, audio, SR, reach_s=0.5)
     for turn, clean in snapped:
         assert clean
         assert not _in_speech(turn.start, speech) and not _in_speech(turn.end, speech)
@@ -58,7 +58,7 @@ def test_an_edge_with_no_pause_in_reach_stays_and_is_flagged(tmp_path: Path) -> 
     audio, speech = _conversation(tmp_path)
     a0, b0 = speech[0]
     mid = (a0 + b0) / 2
-    (turn, clean), _ = snap_to_pauses([Turn(0.0, mid, 0), Turn(mid, b0 + 0.3, 1)], audio, SR, reach_s=0.05)
+    (turn, clean), _ = snap_turns_to_pauses([Turn(0.0, mid, 0), Turn(mid, b0 + 0.3, 1)], audio, SR, reach_s=0.05)
     assert not clean
     assert abs(turn.end - mid) <= 0.05
 

@@ -17,7 +17,7 @@ import soundfile as sf
 
 from stages.base import StageContext
 from stages.textnorm import cer
-from stages.transcribe import TranscribeConfig, build_asr, snap_to_pauses
+from stages.transcribe import TranscribeConfig, build_asr, snap_words_to_pauses
 from stages.zh_punct import COMMA, PERIOD, pause_mark, punctuate_by_pauses
 
 DATA = Path(__file__).parent / "data" / "zh"
@@ -62,13 +62,13 @@ def test_snap_opens_contiguous_words_onto_the_silence_between_them() -> None:
                             _speechlike(0.6, sr, 2), np.zeros(int(1.4 * sr), np.float32), _speechlike(0.5, sr, 3)])
     # speech 0.3-1.1, pause 1.1-1.8, speech 1.8-2.4, pause 2.4-3.8, speech 3.8-4.3
     words = [("今天", 0.0, 0.7), ("好", 0.7, 1.5), ("我", 1.5, 2.0), ("们", 2.0, 3.0), ("走", 3.0, 4.3)]
-    snapped = snap_to_pauses(words, audio, sr)
+    snapped = snap_words_to_pauses(words, audio, sr)
     assert snapped[0][1] == pytest.approx(0.3, abs=0.011)  # leading silence is not a pause
     assert snapped[1][2] == pytest.approx(1.1, abs=0.011) and snapped[2][1] == pytest.approx(1.8, abs=0.011)
     assert snapped[3][2] == pytest.approx(2.4, abs=0.011) and snapped[4][1] == pytest.approx(3.8, abs=0.011)
     assert snapped[0][2] == snapped[1][1] == 0.7  # no silence there: still contiguous
     assert punctuate_by_pauses(snapped) == "今天好" + COMMA + "我们" + PERIOD + "走"
-    assert snap_to_pauses(words[:1], audio, sr) == [("今天", 0.0, 0.7)]
+    assert snap_words_to_pauses(words[:1], audio, sr) == [("今天", 0.0, 0.7)]
 
 
 def _stage_rows(audioeval_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -3,7 +3,7 @@
 Diarization turns come from 1.5 s windows and chunk re-assignment, so their edges sit on a
 0.75 s grid, not where speech starts and stops: a turn may begin half a word in or end on
 the next speaker's first syllable. A training sample cut there teaches the model words that
-are not in its transcript. :func:`snap_to_pauses` moves each edge into the nearest pause
+are not in its transcript. :func:`snap_turns_to_pauses` moves each edge into the nearest pause
 (:func:`kimia_model.audio.quiet_runs`, levels relative to the recording so noisy audio has
 pauses too) within ``reach_s``; an edge with no pause in reach goes to the quietest 30 ms
 nearby, between words if not between sentences, and the segment is flagged.
@@ -16,7 +16,7 @@ and the filter drops it as ``mixed_speakers``.
     >>> sr = 100
     >>> x = np.concatenate([np.ones(100), np.zeros(50), np.ones(100)]).astype(np.float32)
     >>> turns = [Turn(0.0, 1.7, 0), Turn(1.7, 2.5, 1)]  # the change falls 0.2 s into speech
-    >>> [(t.start, t.end, clean) for t, clean in snap_to_pauses(turns, x, sr)]
+    >>> [(t.start, t.end, clean) for t, clean in snap_turns_to_pauses(turns, x, sr)]
     [(0.0, 1.47, True), (1.47, 2.5, True)]
 """
 
@@ -64,7 +64,7 @@ def _snap(t: float, runs: list[tuple[float, float]], reach: float, levels: np.nd
     return round((k + 0.5) * hop_s, 3), False
 
 
-def snap_to_pauses(
+def snap_turns_to_pauses(
     turns: Sequence[Turn], audio: np.ndarray, sr: int, reach_s: float = 0.5
 ) -> list[tuple[Turn, bool]]:
     """Each turn with its edges moved into pauses, and whether both edges found one.

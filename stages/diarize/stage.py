@@ -27,7 +27,7 @@ from stages.diarize.postprocess import (
     postprocess,
     remove_overlaps,
 )
-from stages.diarize.cuts import snap_to_pauses, speaker_purity
+from stages.diarize.cuts import snap_turns_to_pauses, speaker_purity
 from stages.segment import cut_segments
 
 SAMPLE_RATE = 16000
@@ -320,7 +320,7 @@ class DiarizeStage(Stage):
         if c.check_single_speaker and report.chunk_embeddings is not None:
             purity = speaker_purity(turns, report.final_chunks, report.chunk_embeddings, self.similarity(),
                                     c.reassign_threshold)  # fmt: skip
-        snapped = snap_to_pauses(turns, audio16, SAMPLE_RATE, c.snap_reach_s) if c.snap_cuts else [
+        snapped = snap_turns_to_pauses(turns, audio16, SAMPLE_RATE, c.snap_reach_s) if c.snap_cuts else [
             (t, None) for t in turns
         ]  # fmt: skip
         turns = [t for t, _ in snapped]
