@@ -61,6 +61,8 @@ class SegmentRow(TypedDict, total=False):
         snr_db, dnsmos_ovrl, audio_fp, rt_wer, ...: measurements (quality, roundtrip).
         verdict, drop_reasons: "keep" | "drop" and why (filter; upstream stages may add reasons).
         provenance, timings: per stage that touched the segment, model/config hash and seconds.
+        spans: per stage, [first start, last end] of its calls on this node's clock (epoch
+            seconds); read by the run summary, never written to OUT.
     """
 
     segment_index: int
@@ -75,6 +77,7 @@ class SegmentRow(TypedDict, total=False):
     drop_reasons: list[str]
     provenance: dict[str, dict[str, str]]
     timings: dict[str, float]
+    spans: dict[str, list[float]]
 
 
 class RecordingRow(TypedDict, total=False):
@@ -91,7 +94,7 @@ class RecordingRow(TypedDict, total=False):
         source_meta: extra fields of the input's manifest line, carried to the index.
         loudness_lufs: integrated loudness before normalisation.
         segments: after segmentation (``segment`` or ``diarize``); absent before.
-        provenance, timings: per recording-level stage (decode, enhance, diarize, ...).
+        provenance, timings, spans: per recording-level stage (decode, enhance, diarize, ...).
     """
 
     recording_id: str
@@ -105,6 +108,7 @@ class RecordingRow(TypedDict, total=False):
     segments: list[SegmentRow]
     provenance: dict[str, dict[str, str]]
     timings: dict[str, float]
+    spans: dict[str, list[float]]
 
 
 def span_samples(segment: dict[str, Any], sample_rate: int, length: int) -> tuple[int, int]:
