@@ -436,7 +436,7 @@ class Stage(ABC):
             for row in todo:
                 out.extend(self._process_one(row))
         elapsed = time.perf_counter() - t0
-        self._stamp(out, elapsed, (started, started + elapsed))
+        self._stamp(out, started, elapsed)
         # Keep input order: pass-through rows go first; their order relative to processed
         # rows carries no meaning (they belong to other recordings).
         return passthrough + out
@@ -475,10 +475,10 @@ class Stage(ABC):
         )
         return rec
 
-    def _stamp(self, rows: list[Row], elapsed: float, span: tuple[float, float] | None = None) -> None:
+    def _stamp(self, rows: list[Row], started: float, elapsed: float) -> None:
         """Record provenance and apportion the batch's compute time over its output rows.
 
-        ``span`` is the call's (start, end) on this node's clock (epoch seconds). Each row
+        ``started`` is when the call began on this node's clock (epoch seconds). Each row
         keeps, per stage, the earliest start and latest end of the calls that touched it
         (``spans``): only the driver's run summary reads them (:func:`merge_spans`), to say
         when the first stage began and how long the run went on after its busiest stage.
@@ -497,6 +497,5 @@ class Stage(ABC):
                 prov = dict(r.get("provenance") or {})
                 prov[self.name] = stamp
                 r["provenance"] = prov
-                if span is not None:
-                    r["spans"] = merge_spans(r.get("spans"), {self.name: span})
+                r["spans"] = merge_spans(r.get("spans"), {self.name: (started, started + elapsed)})
             r["timings"] = timings
