@@ -207,6 +207,17 @@ def runtime_label(device: str, dtype: Any, attention: str) -> str:
     return f"{str(device).split(':')[0]} {str(dtype).removeprefix('torch.')} {attention}"
 
 
+def joined_runtime(*labels: str | None) -> str | None:
+    """One runtime for a stage that runs several models: their labels in order, each once.
+
+    >>> joined_runtime("cpu float32 sdpa", None, "cpu float32 sdpa", "cpu int8 ctranslate2")
+    'cpu float32 sdpa + cpu int8 ctranslate2'
+    >>> joined_runtime(None) is None
+    True
+    """
+    return " + ".join(dict.fromkeys(label for label in labels if label)) or None
+
+
 @dataclass(frozen=True)
 class Resources:
     """What one worker of a stage asks the scheduler for."""

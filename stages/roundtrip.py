@@ -48,7 +48,7 @@ from pydantic import Field, model_validator
 
 from kimia_model.refs import ModelNotFoundError, missing
 from kimia_model.tts import ESPEAK_BINARY, TokenGenerator, TTSBackend, TTSError, build_tts
-from stages.base import Row, Stage, StageConfig, StageContext, StageError, runtime_label
+from stages.base import Row, Stage, StageConfig, StageContext, StageError, joined_runtime, runtime_label
 from stages.label_score import WhisperLabelScorer
 from stages.textnorm import UNSPACED_LANGUAGES, cer
 from stages.transcribe import TranscribeConfig
@@ -266,10 +266,11 @@ class RoundtripStage(Stage):
         return WhisperLabelScorer(self.asr, window=c.window_tokens, redecode=c.forced_redecode)
 
     def runtime(self) -> str | None:
-        labels = [getattr(self.asr, "runtime", None)]
-        if self.detokenizer is not None:
-            labels.append(runtime_label(self.detokenizer.device, self.detokenizer.dtype, self.detokenizer.attention))
-        return " + ".join(dict.fromkeys(label for label in labels if label)) or None  # ASR, then detokenizer
+        detok = self.detokenizer
+        return joined_runtime(  # ASR, then detokenizer
+            getattr(self.asr, "runtime", None),
+            runtime_label(detok.device, detok.dtype, detok.attention) if detok is not None else None,
+        )
 
     def model_id(self) -> str:
         c = self.config

@@ -50,6 +50,7 @@ from stages.base import (
     StageConfig,
     StageContext,
     StageError,
+    joined_runtime,
     machine_threads,
     runtime_label,
 )
@@ -233,8 +234,9 @@ class TokenizeStage(Stage):
         return self._model_id
 
     def runtime(self) -> str | None:
-        labels = [runtime_label(m.device, m.dtype, m.attention) for m in (self._tok, self._feat) if m is not None]
-        return " + ".join(dict.fromkeys(labels)) or None  # tokenizer, then the feature model if it differs
+        # The tokenizer, then the feature model if it runs differently.
+        models = [m for m in (self._tok, self._feat) if m is not None]
+        return joined_runtime(*(runtime_label(m.device, m.dtype, m.attention) for m in models))
 
     def expected_model_id(self) -> str:
         """The id this config records in ``provenance.tokenize.model``, without loading a model.
