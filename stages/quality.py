@@ -49,6 +49,7 @@ from kimia_model.audio import resample
 from kimia_model.refs import missing, resolve_packaged
 from stages.base import Row, Stage, StageConfig, StageError, runtime_label
 from stages.rows import finite_or_none
+from stages.textnorm import spoken_chars
 
 DNSMOS_SAMPLE_RATE = 16000
 
@@ -286,11 +287,6 @@ def text_units(text: str) -> list[str]:
     # Drop punctuation but keep apostrophes inside words ("don't" is one word).
     norm = "".join(c if (c.isalnum() or c in " '") else " " for c in norm)
     return [w.strip("'") for w in norm.split() if w.strip("'")]
-
-
-def spoken_chars(text: str) -> int:
-    """Letters and digits only: punctuation and spaces are not spoken."""
-    return sum(1 for c in unicodedata.normalize("NFKC", text) if c.isalnum())
 
 
 def repeat_ngram_ratio(text: str, n: int = 3) -> float:

@@ -191,6 +191,16 @@ def score_labels(references: dict[str, str], hypotheses: dict[str, str],
             "missing": sorted(k for k in references if k not in hypotheses)}
 
 
+def spoken_chars(text: str) -> int:
+    """Letters and digits only: punctuation and spaces are not spoken. A length that means
+    the same in spaced and unspaced scripts (a Mandarin sentence is one whitespace "word").
+
+    >>> spoken_chars("One, two!"), spoken_chars("你好，世界。")
+    (6, 4)
+    """
+    return sum(1 for c in unicodedata.normalize("NFKC", text) if c.isalnum())
+
+
 def compression_ratio(text: str) -> float:
     """zlib compression ratio of the text, as Whisper computes it (> 2.4 suggests looping)."""
     data = text.encode("utf-8")

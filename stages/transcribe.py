@@ -34,7 +34,7 @@ from kimia_model.audio import quiet_runs, resample
 from kimia_model.refs import ModelNotFoundError, missing, resolve
 from stages.base import Row, Stage, StageConfig, StageContext, machine_threads, runtime_label
 from stages.language import Decision, Evidence, PoolingParams, pool_languages
-from stages.textnorm import compression_ratio
+from stages.textnorm import compression_ratio, spoken_chars
 
 ASR_SAMPLE_RATE = 16000
 WINDOW_S = 30.0
@@ -120,6 +120,19 @@ class TranscribeConfig(StageConfig):
         "share of the window's audio is decoded again alone: Whisper can write a sentence said twice in "
         "one window only once, and the aligner can then hand a segment's words to its neighbour. "
         "0 = never.",
+    )
+    fill_holes_s: float = Field(
+        2.0,
+        ge=0.0,
+        le=30.0,
+        description="faster-whisper: a segment whose aligned transcript leaves at least this many seconds "
+        "of sound unaccounted for is cut at the pauses around that stretch and the pieces are decoded "
+        "again; their joined text replaces the segment's when it has more letters and digits and every "
+        "piece decoded with avg_logprob >= -1 (Whisper's own failure threshold). Whisper writes a "
+        "sentence said twice in a row once, or skips one, more often the longer the segment: on a 23 s "
+        "VAD segment of espeak-ng speech a repeated 5 s sentence was dropped, and the full stop before "
+        "it was aligned across 7 s of speech. Costs one alignment pass (a teacher-forced decoder pass) "
+        "per segment with text. 0 = never.",
     )
     pack_timestamps: bool = Field(
         False,
@@ -336,6 +349,85 @@ def assign_words(words: list[tuple[float, float]], spans: list[tuple[float, floa
     return out
 
 
+#: A piece re-decoded by the hole check counts only when Whisper scored its text at least this
+#: well: openai-whisper's ``logprob_threshold``, below which it treats a decode as failed.
+HOLE_MIN_LOGPROB = -1.0
+#: How far (s) a hole's edge may move to reach the middle of a pause, so a cut falls between words.
+HOLE_REACH_S = 1.0
+#: Pieces shorter than this (s) hold no word and are not decoded.
+HOLE_MIN_PIECE_S = 0.2
+
+
+def transcript_holes(
+    words: list[tuple[float, float]], audio: np.ndarray, sr: int, min_sound_s: float
+) -> list[tuple[float, float]]:
+    """Stretches of ``audio`` holding at least ``min_sound_s`` of sound no transcript word accounts for.
+
+    Alignment (DTW over cross-attention) must consume every frame, so speech that Whisper did
+    not write down lands inside one word's interval (a full stop "lasting" 7 s), or before the
+    first word or after the last. A word takes well under a second of sound, and pauses are
+    quiet (:func:`kimia_model.audio.quiet_runs`), so an interval with ``min_sound_s`` of
+    non-quiet audio means lost speech. Each hole's edges move to the middle of the nearest
+    pause within :data:`HOLE_REACH_S`, so cutting there splits no word.
+
+    Args:
+        words: (start_s, end_s) per transcript word, in order, relative to ``audio``.
+
+    Returns:
+        (start_s, end_s) per hole, in order.
+
+    >>> sr = 100
+    >>> speech = lambda s: np.ones(int(s * sr), np.float32)
+    >>> pause = lambda s: np.zeros(int(s * sr), np.float32)
+    >>> audio = np.concatenate([speech(2), pause(1), speech(3), pause(1), speech(2)])
+    >>> written = [(t, t + 0.5) for t in np.arange(0.0, 9.0, 0.5)]  # every stretch has its word
+    >>> transcript_holes(written, audio, sr, 2.0)
+    []
+    >>> skipped = written[:3] + [(1.5, 7.0)] + written[14:]  # the 3 s utterance never written
+    >>> transcript_holes(skipped, audio, sr, 2.0)
+    [(2.5, 6.5)]
+    """
+    duration = len(audio) / sr
+    runs = quiet_runs(audio, sr)
+    intervals: list[tuple[float, float]] = []
+    covered = 0.0
+    for start, end in words:
+        if start > covered:
+            intervals.append((covered, start))
+        intervals.append((start, max(start, end)))
+        covered = max(covered, end)
+    if duration > covered:
+        intervals.append((covered, duration))
+
+    def to_pause(t: float) -> float:
+        best, best_d = t, HOLE_REACH_S
+        for r0, r1 in runs:
+            d = 0.0 if r0 <= t <= r1 else min(abs(r0 - t), abs(r1 - t))
+            if d < best_d or (d == 0.0 and best == t):
+                best, best_d = 0.5 * (r0 + r1), d
+        return min(max(best, 0.0), duration)
+
+    holes = []
+    for a, b in intervals:
+        quiet = sum(max(0.0, min(b, r1) - max(a, r0)) for r0, r1 in runs)
+        if (b - a) - quiet >= min_sound_s:
+            holes.append((to_pause(a), to_pause(b)))
+    return holes
+
+
+def hole_pieces(holes: list[tuple[float, float]], duration: float) -> list[tuple[float, float]]:
+    """The clip cut at every hole edge, pieces under :data:`HOLE_MIN_PIECE_S` left out.
+
+    >>> hole_pieces([(2.5, 6.5)], 9.0)
+    [(0.0, 2.5), (2.5, 6.5), (6.5, 9.0)]
+    >>> hole_pieces([(0.05, 6.5)], 9.0)
+    [(0.0, 6.5), (6.5, 9.0)]
+    """
+    cuts = sorted({t for hole in holes for t in hole if HOLE_MIN_PIECE_S <= t <= duration - HOLE_MIN_PIECE_S})
+    edges = [0.0, *cuts, duration]
+    return [(a, b) for a, b in itertools.pairwise(edges) if b - a >= HOLE_MIN_PIECE_S]
+
+
 class FasterWhisperBackend:
     """Batched CTranslate2 Whisper, driven at the level of encode / detect / generate / align."""
 
@@ -436,8 +528,12 @@ class FasterWhisperBackend:
         detected = self.model.detect_language(self.model.encode(self._storage(mels), to_cpu=False))
         return [{tok[2:-2]: float(p) for tok, p in d[:5]} for d in detected]  # "<|en|>" -> "en"
 
-    def _transcribe_unpacked(self, clips: list[np.ndarray], forced: list[str] | None = None) -> list[dict[str, Any]]:
-        """One zero-padded 30 s window per segment, decoded without timestamps."""
+    def _transcribe_unpacked(
+        self, clips: list[np.ndarray], forced: list[str] | None = None, *, repair: bool = True
+    ) -> list[dict[str, Any]]:
+        """One zero-padded 30 s window per segment, decoded without timestamps; then, with
+        ``repair``, segments whose transcript leaves speech unwritten are decoded again in
+        pieces (:meth:`_repair_holes`)."""
         encoded = self.model.encode(self._storage([self._mel(c, self.n_frames) for c in clips]), to_cpu=False)
 
         languages: list[str | None]
@@ -469,8 +565,10 @@ class FasterWhisperBackend:
             suppress_tokens=[-1],
         )
         out = []
+        all_ids = []
         for res, lang, prob in zip(results, languages, probs):
             ids = [t for t in res.sequences_ids[0] if t < tok0.eot]
+            all_ids.append(ids)
             text = tok0.decode(ids).strip()
             out.append(
                 {
@@ -482,7 +580,90 @@ class FasterWhisperBackend:
                     "compression_ratio": compression_ratio(text),
                 }
             )
+        if repair and self.config.fill_holes_s > 0:
+            self._repair_holes(clips, self._host(encoded), all_ids, languages, out)
         return out
+
+    @staticmethod
+    def _host(encoded: Any) -> np.ndarray:
+        """Encoder output as a host array (CTranslate2 takes a subset of rows only from the host)."""
+        import ctranslate2
+
+        return np.asarray(encoded if str(encoded.device) == "cpu" else encoded.to_device(ctranslate2.Device.cpu))
+
+    def _word_times(self, tok: Any, ids: list[int], alignment: Any) -> tuple[list[str], list[list[int]], np.ndarray]:
+        """Words of a transcript, their tokens, and the time (s) each word starts, plus the end of text.
+
+        The alignment is a monotone path of (token index, encoder position) pairs over the text
+        tokens plus end-of-text; a token starts where the path first reaches it, so a word spans
+        from its first token's start to the next word's start.
+        """
+        words, word_tokens = tok.split_to_word_tokens(ids + [tok.eot])
+        words, word_tokens = words[:-1], word_tokens[:-1]  # drop end-of-text
+        path = np.asarray(alignment.alignments, dtype=np.int64).reshape(-1, 2)
+        n = len(ids)
+        if len(path):
+            first = np.searchsorted(path[:, 0], np.arange(n + 1), side="left")
+            token_start = path[np.minimum(first, len(path) - 1), 1] / self.positions_per_second
+        else:  # no path (should not happen for non-empty text): everything at the window start
+            token_start = np.zeros(n + 1)
+        bounds = np.concatenate([[0], np.cumsum([len(t) for t in word_tokens])]).astype(int)
+        return words, word_tokens, token_start[np.minimum(bounds, n)]
+
+    def _repair_holes(
+        self,
+        clips: list[np.ndarray],
+        encoded: np.ndarray,
+        ids: list[list[int]],
+        languages: list[str | None],
+        out: list[dict[str, Any]],
+    ) -> None:
+        """Decode again, in pieces cut at pauses, each segment whose transcript leaves speech unwritten.
+
+        Each segment alone in its window (``encoded`` holds its encoder output, ``ids`` its
+        decoded text tokens) is aligned to its transcript, and :func:`transcript_holes` finds
+        stretches of sound no word accounts for. Such a segment is cut at the holes' edges
+        (:func:`hole_pieces`) and every piece decoded alone in the segment's language; the
+        pieces' joined text replaces the segment's only when it has more letters and digits and
+        every piece with text decoded with ``avg_logprob`` of at least :data:`HOLE_MIN_LOGPROB`, so a hole
+        of noise or music cannot bring in an invented sentence. ``avg_logprob`` becomes the
+        pieces' mean weighted by their letters and digits; ``no_speech_prob`` stays the segment's. Results are
+        updated in place.
+        """
+        min_s = self.config.fill_holes_s
+        todo = [i for i, t in enumerate(ids) if min_s > 0 and t and len(clips[i]) >= min_s * ASR_SAMPLE_RATE]
+        holes: dict[int, list[tuple[float, float]]] = {}
+        for lang in dict.fromkeys(languages[i] for i in todo):
+            ks = [i for i in todo if languages[i] == lang]
+            tok = self._tokenizer(lang)
+            frames = [min(self.n_frames, -(-len(clips[i]) // self.features.hop_length)) for i in ks]
+            aligned = self.model.align(self._storage([encoded[i] for i in ks]), list(tok.sot_sequence),
+                                       [ids[i] for i in ks], frames)
+            for i, alignment in zip(ks, aligned):
+                _, _, starts = self._word_times(tok, ids[i], alignment)
+                found = transcript_holes(list(itertools.pairwise(starts)), clips[i], ASR_SAMPLE_RATE, min_s)
+                if found:
+                    holes[i] = found
+        if not holes:
+            return
+        jobs = [(i, a, b) for i, found in holes.items()
+                for a, b in hole_pieces(found, len(clips[i]) / ASR_SAMPLE_RATE)]
+        pieces = self._transcribe_unpacked(
+            [clips[i][round(a * ASR_SAMPLE_RATE) : round(b * ASR_SAMPLE_RATE)] for i, a, b in jobs],
+            [languages[i] for i, _, _ in jobs] if self.multilingual else None,  # type: ignore[misc]
+            repair=False,
+        )
+        for i in holes:
+            mine = [p for (j, _, _), p in zip(jobs, pieces) if j == i and p["text"]]
+            if any(p["avg_logprob"] < HOLE_MIN_LOGPROB for p in mine):
+                continue
+            text = " ".join(p["text"] for p in mine)
+            if spoken_chars(text) <= spoken_chars(out[i]["text"]):
+                continue
+            weights = [max(1, spoken_chars(p["text"])) for p in mine]
+            out[i]["text"] = text
+            out[i]["avg_logprob"] = float(np.average([p["avg_logprob"] for p in mine], weights=weights))
+            out[i]["compression_ratio"] = compression_ratio(text)
 
     @staticmethod
     def _avg_logprob(res: Any, seq_len: int) -> float:
@@ -585,12 +766,9 @@ class FasterWhisperBackend:
                 continue
             if len(todo) == len(windows):
                 feats = encoded
-            else:  # the encoder output of these windows only (host copy, as CTranslate2 takes it)
+            else:  # the encoder output of these windows only
                 if encoded_np is None:
-                    import ctranslate2
-
-                    host = encoded if str(encoded.device) == "cpu" else encoded.to_device(ctranslate2.Device.cpu)
-                    encoded_np = np.asarray(host)
+                    encoded_np = self._host(encoded)
                 feats = self._storage([encoded_np[w] for w in todo])
             frames = [
                 min(self.n_frames, -(-windows[w][2][-1][1] // self.features.hop_length)) for w in todo
@@ -610,11 +788,17 @@ class FasterWhisperBackend:
                 seg_tokens[0] = list(texts[w])  # avg_logprob: the decoder's, as unpacked
             elif texts[w]:
                 span_s = [(a / ASR_SAMPLE_RATE, b / ASR_SAMPLE_RATE) for a, b in spans]
-                for word_tokens, logps, k in self._split_words(tok, texts[w], alignments[w], span_s):
+                seg_times: list[list[tuple[float, float]]] = [[] for _ in members]
+                for word_tokens, logps, k, (t0, t1) in self._split_words(tok, texts[w], alignments[w], span_s):
                     seg_tokens[k] += word_tokens
                     seg_logprobs[k] += logps
+                    a, b = span_s[k]  # the word's time within its own segment
+                    seg_times[k].append((min(max(t0, a), b) - a, min(max(t1, a), b) - a))
                 thin += [members[k] for k in under_share([len(t) for t in seg_tokens], [b - a for a, b in spans],
                                                           self.config.pack_redo_below)]
+                if self.config.fill_holes_s > 0:  # speech its words do not cover: decoded again alone
+                    thin += [m for k, m in enumerate(members) if seg_times[k] and transcript_holes(
+                        seg_times[k], clips[m], ASR_SAMPLE_RATE, self.config.fill_holes_s)]
             for k, m in enumerate(members):
                 text = tok.decode(seg_tokens[k]).strip()
                 out[m] = {
@@ -634,29 +818,30 @@ class FasterWhisperBackend:
             redo = self._transcribe_unpacked([clips[i] for i in empty], [forced[i] for i in empty] if forced else None)
             for i, res in zip(empty, redo):
                 out[i] = res
+        # A segment alone in its window was decoded exactly as unpacked, so it is checked for
+        # unwritten speech the same way, on its window's encoder output.
+        alone = [w for w, (_, members, _) in enumerate(windows) if len(members) == 1 and texts[w]
+                 and members[0] not in empty]
+        if alone and self.config.fill_holes_s > 0:
+            host = encoded_np if encoded_np is not None else self._host(encoded)
+            self._repair_holes(
+                [clips[windows[w][1][0]] for w in alone],
+                np.stack([host[w] for w in alone]),
+                [texts[w] for w in alone],
+                [windows[w][0] for w in alone],
+                [out[windows[w][1][0]] for w in alone],  # type: ignore[misc]
+            )
         return out  # type: ignore[return-value]
 
     def _split_words(
         self, tok: Any, text: list[int], alignment: Any, spans: list[tuple[float, float]]
-    ) -> list[tuple[list[int], list[float], int]]:
-        """Words of one window's transcript with their tokens, log-probs and segment index.
-
-        The alignment is a monotone path of (token index, encoder position) pairs over the text
-        tokens plus end-of-text; a token starts where the path first reaches it, so a word spans
-        from its first token's start to the next word's start.
-        """
-        words, word_tokens = tok.split_to_word_tokens(text + [tok.eot])
-        words, word_tokens = words[:-1], word_tokens[:-1]  # drop end-of-text
-        path = np.asarray(alignment.alignments, dtype=np.int64).reshape(-1, 2)
-        n = len(text)
-        if len(path):
-            first = np.searchsorted(path[:, 0], np.arange(n + 1), side="left")
-            token_start = path[np.minimum(first, len(path) - 1), 1] / self.positions_per_second
-        else:  # no path (should not happen for non-empty text): everything at the window start
-            token_start = np.zeros(n + 1)
+    ) -> list[tuple[list[int], list[float], int, tuple[float, float]]]:
+        """Words of one window's transcript with their tokens, log-probs, segment index and
+        (start_s, end_s) in the window (see :meth:`_word_times`)."""
+        words, word_tokens, starts = self._word_times(tok, text, alignment)
         probs = np.clip(np.asarray(alignment.text_token_probs, dtype=np.float64), 1e-10, 1.0)
         bounds = np.concatenate([[0], np.cumsum([len(t) for t in word_tokens])]).astype(int)
-        times = [(float(token_start[b0]), float(token_start[b1])) for b0, b1 in itertools.pairwise(bounds)]
+        times = [(float(a), float(b)) for a, b in itertools.pairwise(starts)]
         owner = assign_words(times, spans)
         # Closing punctuation is written as its own word but belongs with the word it closes;
         # its DTW time sits at the pause, so it follows its predecessor instead of its own time.
@@ -664,7 +849,7 @@ class FasterWhisperBackend:
             if i and word and not word[0].isspace() and word.strip() and all(c in _CLOSING_PUNCT for c in word.strip()):
                 owner[i] = owner[i - 1]
         return [
-            (list(word_tokens[i]), list(np.log(probs[bounds[i] : bounds[i + 1]])), owner[i])
+            (list(word_tokens[i]), list(np.log(probs[bounds[i] : bounds[i + 1]])), owner[i], times[i])
             for i in range(len(words))
         ]
 
@@ -713,18 +898,14 @@ class FasterWhisperBackend:
             aligned = self.model.align(self._storage([encoded[k] for k in ks]), list(tok.sot_sequence), texts, frames)
             for k, ids, al in zip(ks, texts, aligned):
                 i = todo[k]
-                words, word_tokens = tok.split_to_word_tokens(ids + [tok.eot])
-                path = np.asarray(al.alignments, dtype=np.int64).reshape(-1, 2)
-                first = np.searchsorted(path[:, 0], np.arange(len(ids) + 1), side="left")
-                start = path[np.minimum(first, len(path) - 1), 1] / self.positions_per_second
-                bounds = np.concatenate([[0], np.cumsum([len(t) for t in word_tokens])]).astype(int)
+                words, _, starts = self._word_times(tok, ids, al)
                 units: list[list[Any]] = []
-                for w, b0, b1 in zip(words[:-1], bounds[:-1], bounds[1:-1]):
+                for w, t0, t1 in zip(words, starts[:-1], starts[1:]):
                     if units and w.strip() and all(is_punct(ch) for ch in w.strip()):
                         units[-1][0] += w.strip()  # a mark stays with the word it closes
                         continue
                     if w.strip():
-                        units.append([w.strip(), float(start[b0]), float(start[min(b1, len(ids))])])
+                        units.append([w.strip(), float(t0), float(t1)])
                 timed = snap_words_to_pauses([tuple(u) for u in units], clips[i], ASR_SAMPLE_RATE)
                 results[i]["chars"] = timed
                 if lang in punctuate:

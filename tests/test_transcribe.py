@@ -336,6 +336,52 @@ def test_batch_mixing_shared_and_lone_windows(base_asr, english_clips) -> None:
         assert _wer(ref, res["text"]) <= 0.25, (ref, res["text"])
 
 
+def _fox_hello_fox(english_clips) -> tuple[np.ndarray, str, str]:
+    """A sentence, a short one, the first again (pauses between): the audio, its transcript,
+    and the transcript Whisper writes when it drops the repeat."""
+    clips = {p.stem: (sf.read(p, dtype="float32")[0], ref) for p, ref in english_clips}
+    (fox, fox_ref), (hello, hello_ref) = clips["quick_brown_fox"], clips["hello_world"]
+    pause = np.zeros(12800, np.float32)
+    audio = np.concatenate([fox, pause, hello, pause, fox])
+    return audio, f"{fox_ref} {hello_ref} {fox_ref}", f"{fox_ref} {hello_ref}"
+
+
+def _repair(asr, audio: np.ndarray, text: str) -> dict:
+    """What :meth:`_repair_holes` makes of ``text`` as the decoded transcript of ``audio``."""
+    tok = asr._tokenizer("en")
+    encoded = asr._host(asr.model.encode(asr._storage([asr._mel(audio, asr.n_frames)])))
+    out = [{"text": text, "avg_logprob": -0.2, "compression_ratio": compression_ratio(text)}]
+    asr._repair_holes([audio], encoded, [tok.encode(" " + text)], ["en"], out)
+    return out[0]
+
+
+def test_speech_the_transcript_leaves_out_is_decoded_again_in_pieces(english_clips) -> None:
+    """Whisper writes a sentence said twice once; the aligned transcript then leaves ~3 s of
+    speech uncovered, and the segment decoded in pieces cut at the pauses gets it back."""
+    asr = build_asr(TranscribeConfig(model="pkg:whisper-base"), StageContext())
+    audio, full, dropped = _fox_hello_fox(english_clips)
+    repaired = _repair(asr, audio, dropped)
+    assert _wer(full, repaired["text"]) <= 0.15, repaired["text"]
+    assert -1.0 <= repaired["avg_logprob"] <= 0.0
+    assert _repair(asr, audio, full)["text"] == full  # nothing uncovered: left as it is
+    asr.config.fill_holes_s = 0.0
+    assert _repair(asr, audio, dropped)["text"] == dropped
+
+
+def test_pieces_whisper_is_unsure_of_do_not_replace_the_transcript(english_clips, monkeypatch) -> None:
+    """A hole of noise or music decodes to invented text with a low log-probability: the
+    segment then keeps its own transcript."""
+    asr = build_asr(TranscribeConfig(model="pkg:whisper-base"), StageContext())
+    audio, _full, dropped = _fox_hello_fox(english_clips)
+    decode = asr._transcribe_unpacked
+
+    def unsure(*args, **kwargs):
+        return [{**r, "avg_logprob": -1.5} for r in decode(*args, **kwargs)]
+
+    monkeypatch.setattr(asr, "_transcribe_unpacked", unsure)
+    assert _repair(asr, audio, dropped)["text"] == dropped
+
+
 def test_a_packed_segment_robbed_of_its_words_is_decoded_again_alone(english_clips, monkeypatch) -> None:
     """When the aligner hands most of a segment's words to its neighbour (or Whisper writes a
     repeated sentence once), the short-changed segment is decoded again on its own window."""
@@ -346,12 +392,14 @@ def test_a_packed_segment_robbed_of_its_words_is_decoded_again_alone(english_cli
 
     def rob_the_second(*args, **kwargs):  # the second segment keeps its last word only
         words = split(*args, **kwargs)
-        last = max(i for i, (_t, _lp, k) in enumerate(words) if k == 1)
-        return [(t, lp, 1 if i == last else 0) for i, (t, lp, _k) in enumerate(words)]
+        last = max(i for i, (_t, _lp, k, _s) in enumerate(words) if k == 1)
+        return [(t, lp, 1 if i == last else 0, s) for i, (t, lp, _k, s) in enumerate(words)]
 
     monkeypatch.setattr(asr, "_split_words", rob_the_second)
     first, second = asr.transcribe([fox, count], 16000)
     assert _wer(count_ref, second["text"]) <= 0.1, second["text"]  # redone alone: its own words back
     assert _wer(fox_ref, first["text"]) > 0.3  # the first one kept what it was handed
-    asr.config.pack_redo_below = 0.0  # the guard off: the second segment keeps one word
+    asr.config.pack_redo_below = 0.0  # that guard off: the speech its one word leaves uncovered still counts
+    assert _wer(count_ref, asr.transcribe([fox, count], 16000)[1]["text"]) <= 0.1
+    asr.config.fill_holes_s = 0.0  # both guards off: the second segment keeps one word
     assert len(asr.transcribe([fox, count], 16000)[1]["text"].split()) == 1
