@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import Field
 
-from kimia_model.audio import quiet_runs, resample
+from kimia_model.audio import frame_levels, quiet_runs, resample
 from kimia_model.refs import ModelNotFoundError, missing, resolve
 from stages.base import Row, Stage, StageConfig, StageContext, machine_threads, runtime_label
 from stages.language import Decision, Evidence, PoolingParams, pool_languages
@@ -122,7 +122,7 @@ class TranscribeConfig(StageConfig):
         "0 = never.",
     )
     fill_holes_s: float = Field(
-        2.0,
+        1.5,
         ge=0.0,
         le=30.0,
         description="faster-whisper: a segment whose aligned transcript leaves at least this many seconds "
@@ -356,6 +356,10 @@ HOLE_MIN_LOGPROB = -1.0
 HOLE_REACH_S = 1.0
 #: Pieces shorter than this (s) hold no word and are not decoded.
 HOLE_MIN_PIECE_S = 0.2
+#: Only sound within this many dB of the segment's loud level (95th percentile of its 10 ms
+#: frames) counts towards a hole: a sentence Whisper dropped is as loud as the rest, while
+#: background chatter, music beds and room noise that Whisper rightly left out are not.
+HOLE_LEVEL_DB = 20.0
 
 
 def transcript_holes(
@@ -365,10 +369,11 @@ def transcript_holes(
 
     Alignment (DTW over cross-attention) must consume every frame, so speech that Whisper did
     not write down lands inside one word's interval (a full stop "lasting" 7 s), or before the
-    first word or after the last. A word takes well under a second of sound, and pauses are
-    quiet (:func:`kimia_model.audio.quiet_runs`), so an interval with ``min_sound_s`` of
-    non-quiet audio means lost speech. Each hole's edges move to the middle of the nearest
-    pause within :data:`HOLE_REACH_S`, so cutting there splits no word.
+    first word or after the last. A word takes well under a second of sound, so an interval
+    with ``min_sound_s`` of sound as loud as the segment's speech (within :data:`HOLE_LEVEL_DB`
+    of its loud level, 10 ms frames, pauses left out) means lost speech. Each hole's edges move to the middle of
+    the nearest pause (:func:`kimia_model.audio.quiet_runs`) within :data:`HOLE_REACH_S`, so
+    cutting there splits no word.
 
     Args:
         words: (start_s, end_s) per transcript word, in order, relative to ``audio``.
@@ -386,9 +391,26 @@ def transcript_holes(
     >>> skipped = written[:3] + [(1.5, 7.0)] + written[14:]  # the 3 s utterance never written
     >>> transcript_holes(skipped, audio, sr, 2.0)
     [(2.5, 6.5)]
+    >>> audio[300:600] *= 0.01  # the unwritten stretch 40 dB down: background, not a lost sentence
+    >>> transcript_holes(skipped, audio, sr, 2.0)
+    []
     """
     duration = len(audio) / sr
-    runs = quiet_runs(audio, sr)
+    hop_s = 0.01
+    levels = frame_levels(audio, sr, hop_s)
+    if levels.size == 0:
+        return []
+    runs = quiet_runs(audio, sr, hop_s=hop_s, levels=levels)
+    db = 20 * np.log10(levels + 1e-10)
+    sounding = db >= np.percentile(db, 95) - HOLE_LEVEL_DB
+    for r0, r1 in runs:  # pauses do not count, even where the noise floor is high
+        sounding[round(r0 / hop_s) : round(r1 / hop_s)] = False
+    loud = np.concatenate([[0], np.cumsum(sounding)])
+
+    def sound_s(a: float, b: float) -> float:
+        i, j = (min(levels.size, max(0, round(t / hop_s))) for t in (a, b))
+        return float(loud[j] - loud[i]) * hop_s
+
     intervals: list[tuple[float, float]] = []
     covered = 0.0
     for start, end in words:
@@ -407,12 +429,7 @@ def transcript_holes(
                 best, best_d = 0.5 * (r0 + r1), d
         return min(max(best, 0.0), duration)
 
-    holes = []
-    for a, b in intervals:
-        quiet = sum(max(0.0, min(b, r1) - max(a, r0)) for r0, r1 in runs)
-        if (b - a) - quiet >= min_sound_s:
-            holes.append((to_pause(a), to_pause(b)))
-    return holes
+    return [(to_pause(a), to_pause(b)) for a, b in intervals if sound_s(a, b) >= min_sound_s]
 
 
 def hole_pieces(holes: list[tuple[float, float]], duration: float) -> list[tuple[float, float]]:
