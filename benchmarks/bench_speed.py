@@ -19,8 +19,13 @@ stage's busy time and RTF and the framework overhead (``pipeline.run.stage_profi
     .venv/bin/python benchmarks/bench_speed.py --input DIR --refs refs.json   # your corpus
     .venv/bin/python benchmarks/bench_speed.py --only label --set transcribe.beam_size=1
 
-Timings are of one run each on whatever else the machine is doing: repeat on a quiet machine
-before comparing small differences.
+Timings are of one run each on whatever else the machine is doing. On a shared machine,
+``--repeat N`` runs every selected run N times, interleaved round by round (peer, label-only,
+full, peer, ...) so that a burst of outside load hits them alike, and prints each run's median
+wall and CPU time with their range, and the median of the per-round ratios to the peer; the
+stage profile is the median run's.
+
+    .venv/bin/python benchmarks/bench_speed.py --repeat 3
 """
 
 from __future__ import annotations
@@ -28,14 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -114,6 +119,24 @@ def run_texts(out: Path) -> dict[str, str]:
     return {name: " ".join(t for _, t in sorted(items)) for name, items in segs.items()}
 
 
+class Run(NamedTuple):
+    """One timed run: whole-process wall and CPU seconds, corpus WER, stage profile lines."""
+
+    wall: float
+    cpu: float
+    wer: float | None
+    lines: list[str]
+
+
+def median_run(runs: list[Run]) -> Run:
+    """The run with the median wall time (the lower middle one of an even count).
+
+    >>> median_run([Run(3.0, 1, None, []), Run(1.0, 1, None, []), Run(2.0, 1, None, [])]).wall
+    2.0
+    """
+    return sorted(runs, key=lambda r: r.wall)[(len(runs) - 1) // 2]
+
+
 def score(refs: dict[str, str], hyps: dict[str, str]) -> float:
     names = sorted(refs)
     return corpus_wer([refs[n] for n in names], [hyps.get(n, "") for n in names])
@@ -154,7 +177,10 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "local.yaml")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra override for both kimia-curate runs")
     ap.add_argument("--threads", type=int, default=2, help="peer's CTranslate2 threads")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of every selected run, interleaved (medians printed)")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
 
     import soundfile as sf
 
@@ -172,28 +198,42 @@ def main() -> None:
     work = WORK / "bench-speed"
     work.mkdir(parents=True, exist_ok=True)
 
-    rows: list[tuple[str, float, float, float | None, list[str]]] = []
-    peer_wall = peer_cpu = None
-    if "peer" in only:
-        texts_path = work / "peer.json"
-        peer_wall, peer_cpu = timed([sys.executable, str(ROOT / "benchmarks" / "peer.py"), str(folder), "--json",
-                           str(texts_path), "--threads", str(args.threads)])
-        rows.append(("faster-whisper BatchedInferencePipeline", peer_wall, peer_cpu,
-                     score(refs, json.loads(texts_path.read_text())) if refs else None, []))
-    for key, name, sets in (("label", "kimia-curate label-only", LABEL_ONLY), ("full", "kimia-curate full local", [])):
-        if key not in only:
-            continue
-        out = work / f"out-{key}"
-        (wall, cpu), run = kimia(folder, out, args.config, sets + args.sets)
-        rows.append((name, wall, cpu, score(refs, run_texts(out)) if refs else None, profile_lines(run, wall, audio_s)))
+    names = {"peer": "faster-whisper BatchedInferencePipeline", "label": "kimia-curate label-only",
+             "full": "kimia-curate full local"}
+    runs: dict[str, list[Run]] = defaultdict(list)
+    for _ in range(args.repeat):
+        if "peer" in only:
+            texts_path = work / "peer.json"
+            wall, cpu = timed([sys.executable, str(ROOT / "benchmarks" / "peer.py"), str(folder), "--json",
+                               str(texts_path), "--threads", str(args.threads)])
+            runs["peer"].append(Run(wall, cpu, score(refs, json.loads(texts_path.read_text())) if refs else None, []))
+        for key, sets in (("label", LABEL_ONLY), ("full", [])):
+            if key not in only:
+                continue
+            out = work / f"out-{key}"
+            (wall, cpu), run = kimia(folder, out, args.config, sets + args.sets)
+            runs[key].append(Run(wall, cpu, score(refs, run_texts(out)) if refs else None,
+                                 profile_lines(run, wall, audio_s)))
 
-    print(f"{'run':42s} {'wall s':>8s} {'RTF':>7s} {'WER':>7s} {'x peer':>7s} {'CPU s':>8s} {'x peer':>7s}")
-    for name, wall, cpu, w, lines in rows:
-        ratio = f"{wall / peer_wall:7.2f}" if peer_wall else "      -"
-        cpu_ratio = f"{cpu / peer_cpu:7.2f}" if peer_wall else "      -"
-        wer_s = f"{w:7.4f}" if w is not None else "      -"
-        print(f"{name:42s} {wall:8.1f} {wall / audio_s:7.4f} {wer_s} {ratio} {cpu:8.1f} {cpu_ratio}")
-        for line in lines:
+    print(f"{'run':42s} {'wall s':>8s} {'RTF':>7s} {'WER':>7s} {'x peer':>7s} {'CPU s':>8s} {'x peer':>7s}"
+          + ("  wall range      CPU range" if args.repeat > 1 else ""))
+    peer = runs.get("peer")
+    for key in ("peer", "label", "full"):
+        if key not in runs:
+            continue
+        mine = runs[key]
+        mid = median_run(mine)
+        walls, cpus = [r.wall for r in mine], [r.cpu for r in mine]
+        ratio = f"{statistics.median(r.wall / p.wall for r, p in zip(mine, peer)):7.2f}" if peer else "      -"
+        cpu_ratio = f"{statistics.median(r.cpu / p.cpu for r, p in zip(mine, peer)):7.2f}" if peer else "      -"
+        wer_s = f"{mid.wer:7.4f}" if mid.wer is not None else "      -"
+        spread = (f"  {min(walls):6.1f}-{max(walls):6.1f}  {min(cpus):6.1f}-{max(cpus):6.1f}"
+                  if args.repeat > 1 else "")
+        print(f"{names[key]:42s} {statistics.median(walls):8.1f} {statistics.median(walls) / audio_s:7.4f} "
+              f"{wer_s} {ratio} {statistics.median(cpus):8.1f} {cpu_ratio}{spread}")
+        if len({r.wer for r in mine}) > 1:
+            print(f"    WER differed between rounds: {', '.join(f'{r.wer:.4f}' for r in mine)}")
+        for line in mid.lines:
             print(line)
 
 
