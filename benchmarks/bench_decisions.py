@@ -101,12 +101,15 @@ def corpus(quick: bool) -> tuple[Path, dict[str, list[Turn]]]:
     return folder, refs
 
 
-def run_local(folder: Path, out: Path) -> tuple[dict[str, list[dict]], float]:
-    """The local profile as a user runs it; every segment (kept and dropped) per file name."""
+def run_local(folder: Path, out: Path, sets: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, list[dict]], float]:
+    """The local profile as a user runs it (plus ``sets`` overrides); every segment (kept and
+    dropped) per file name."""
     import pyarrow.parquet as pq
 
     cmd = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(ROOT / "configs" / "local.yaml"),
            "--input", str(folder), "--output", str(out), "--quiet", "--set", "filter.keep_dropped=true"]  # fmt: skip
+    for override in sets:
+        cmd += ["--set", override]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
     wall = time.perf_counter() - t0
@@ -164,6 +167,8 @@ def main() -> int:
     ap.add_argument("--no-peer", action="store_true", help="skip faster-whisper's batched pipeline")
     ap.add_argument("--no-roundtrip", action="store_true", help="skip the round-trip separation")
     ap.add_argument("--rt-voices", type=int, default=2, help="espeak-ng voices per sentence in the round-trip set")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="config override for the local runs")
+    ap.add_argument("--out", type=Path, default=None, help="keep the corpus run's output here (default: a temp dir)")
     args = ap.parse_args()
 
     folder, refs = corpus(args.quick)
@@ -171,7 +176,9 @@ def main() -> int:
     audio_s = sum(sf.info(folder / n).duration for n in names)
     print(f"corpus: {len(names)} files, {audio_s / 60:.1f} min of audio ({folder})")
     with tempfile.TemporaryDirectory() as tmp:
-        rows, wall = run_local(folder, Path(tmp) / "out")
+        out = args.out or Path(tmp) / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        rows, wall = run_local(folder, out, args.sets)
     print(f"local profile: {wall:.1f} s wall, real-time factor {wall / audio_s:.3f}")
 
     all_ref, all_hyp, kept_ref, kept_hyp = [], [], [], []
@@ -211,7 +218,7 @@ def main() -> int:
     name, audio, ref = pyannote_sample()
     with tempfile.TemporaryDirectory() as tmp:
         sf.write(Path(tmp) / "sample.wav", audio, SR)
-        sample_rows, _ = run_local(Path(tmp), Path(tmp) / "out")
+        sample_rows, _ = run_local(Path(tmp), Path(tmp) / "out", args.sets)
     segs = sample_rows.get("sample.wav", [])
     d = der_score(ref, [(r["start_s"], r["end_s"], str(r["speaker"])) for r in segs])
     print(f"DER, pyannote sample: {d['der']:.3f} ({d['hyp_speakers']} speakers found, 2 in the reference)")

@@ -34,7 +34,7 @@ from kimia_model.audio import frame_levels, quiet_runs, resample
 from kimia_model.refs import ModelNotFoundError, missing, resolve
 from stages.base import Row, Stage, StageConfig, StageContext, machine_threads, runtime_label
 from stages.language import Decision, Evidence, PoolingParams, pool_languages
-from stages.textnorm import compression_ratio, spoken_chars
+from stages.textnorm import compression_ratio, is_unspaced, spoken_chars
 
 ASR_SAMPLE_RATE = 16000
 WINDOW_S = 30.0
@@ -640,12 +640,12 @@ class FasterWhisperBackend:
         Each segment alone in its window (``encoded`` holds its encoder output, ``ids`` its
         decoded text tokens) is aligned to its transcript, and :func:`transcript_holes` finds
         stretches of sound no word accounts for. Such a segment is cut at the holes' edges
-        (:func:`hole_pieces`) and every piece decoded alone in the segment's language; the
+        (:func:`hole_pieces`) and every piece decoded alone in the segment's language. The
         pieces' joined text replaces the segment's only when it has more letters and digits and
-        every piece with text decoded with ``avg_logprob`` of at least :data:`HOLE_MIN_LOGPROB`, so a hole
-        of noise or music cannot bring in an invented sentence. ``avg_logprob`` becomes the
-        pieces' mean weighted by their letters and digits; ``no_speech_prob`` stays the segment's. Results are
-        updated in place.
+        every piece with text decoded with ``avg_logprob`` of at least :data:`HOLE_MIN_LOGPROB`,
+        so a hole of noise or music cannot bring in an invented sentence. ``avg_logprob``
+        becomes the pieces' mean weighted by their letters and digits; ``no_speech_prob`` stays
+        the segment's. Results are updated in place.
         """
         min_s = self.config.fill_holes_s
         todo = [i for i, t in enumerate(ids) if min_s > 0 and t and len(clips[i]) >= min_s * ASR_SAMPLE_RATE]
@@ -674,7 +674,7 @@ class FasterWhisperBackend:
             mine = [p for (j, _, _), p in zip(jobs, pieces) if j == i and p["text"]]
             if any(p["avg_logprob"] < HOLE_MIN_LOGPROB for p in mine):
                 continue
-            text = " ".join(p["text"] for p in mine)
+            text = ("" if is_unspaced(languages[i]) else " ").join(p["text"] for p in mine)
             if spoken_chars(text) <= spoken_chars(out[i]["text"]):
                 continue
             weights = [max(1, spoken_chars(p["text"])) for p in mine]
