@@ -356,6 +356,9 @@ HOLE_MIN_LOGPROB = -1.0
 HOLE_REACH_S = 1.0
 #: Pieces shorter than this (s) hold no word and are not decoded.
 HOLE_MIN_PIECE_S = 0.2
+#: ``labeller_note`` of a segment whose text :meth:`FasterWhisperBackend._repair_holes` replaced,
+#: so audits can find (and the run summary counts) labels stitched from pieces.
+REPAIRED_NOTE = "decoded again in pieces: the first transcript left speech out"
 #: Only sound within this many dB of the segment's loud level (95th percentile of its 10 ms
 #: frames) counts towards a hole: a sentence Whisper dropped is as loud as the rest, while
 #: background chatter, music beds and room noise that Whisper rightly left out are not.
@@ -645,7 +648,8 @@ class FasterWhisperBackend:
         every piece with text decoded with ``avg_logprob`` of at least :data:`HOLE_MIN_LOGPROB`,
         so a hole of noise or music cannot bring in an invented sentence. ``avg_logprob``
         becomes the pieces' mean weighted by their letters and digits; ``no_speech_prob`` stays
-        the segment's. Results are updated in place.
+        the segment's, and ``labeller_note`` says the text was stitched (:data:`REPAIRED_NOTE`).
+        Results are updated in place.
         """
         min_s = self.config.fill_holes_s
         todo = [i for i, t in enumerate(ids) if min_s > 0 and t and len(clips[i]) >= min_s * ASR_SAMPLE_RATE]
@@ -681,6 +685,7 @@ class FasterWhisperBackend:
             out[i]["text"] = text
             out[i]["avg_logprob"] = float(np.average([p["avg_logprob"] for p in mine], weights=weights))
             out[i]["compression_ratio"] = compression_ratio(text)
+            out[i]["labeller_note"] = REPAIRED_NOTE
 
     @staticmethod
     def _avg_logprob(res: Any, seq_len: int) -> float:
@@ -1291,7 +1296,8 @@ class TranscribeStage(Stage):
             row["labeller"] = names[i]
             fallback = self.fallbacks.get(self.config.by_language.get(str(row.get("language")), ""), "")
             if fallback:
-                row["labeller_note"] = f"{self.config.by_language[row['language']]} not used: {fallback}"
+                note = f"{self.config.by_language[row['language']]} not used: {fallback}"
+                row["labeller_note"] = "; ".join(n for n in (note, row.get("labeller_note")) if n)
             out.append(row)
         return out
 

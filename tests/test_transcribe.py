@@ -13,6 +13,7 @@ from stages.textnorm import cer as _cer
 from stages.textnorm import normalize_text
 from stages.textnorm import wer as _wer
 from stages.transcribe import (
+    REPAIRED_NOTE,
     WINDOW_SAMPLES,
     TranscribeConfig,
     TranscribeStage,
@@ -363,7 +364,9 @@ def test_speech_the_transcript_leaves_out_is_decoded_again_in_pieces(english_cli
     repaired = _repair(asr, audio, dropped)
     assert _wer(full, repaired["text"]) <= 0.15, repaired["text"]
     assert -1.0 <= repaired["avg_logprob"] <= 0.0
-    assert _repair(asr, audio, full)["text"] == full  # nothing uncovered: left as it is
+    assert repaired["labeller_note"] == REPAIRED_NOTE  # audits can find stitched labels
+    untouched = _repair(asr, audio, full)
+    assert untouched["text"] == full and "labeller_note" not in untouched  # nothing uncovered: left as it is
     asr.config.fill_holes_s = 0.0
     assert _repair(asr, audio, dropped)["text"] == dropped
 
