@@ -157,7 +157,8 @@ def profile_lines(run: dict[str, Any], wall: float, audio_s: float) -> list[str]
     for name, st in (prof.get("stages") or {}).items():
         when = f"  {st['first_s']:5.1f}-{st['last_s']:5.1f} s" if "first_s" in st else ""
         lines.append(f"    {name:11s} busy {st['busy_s']:7.1f} s  RTF {st['rtf']:.4f}  "
-                     f"{100 * (st.get('share_of_wall') or 0):3.0f} % of wall  x{st['workers']} workers{when}")
+                     f"{100 * (st.get('share_of_wall') or 0):3.0f} % of wall  x{st['workers']} workers"
+                     + (f" x{st['calls_per_worker']} calls" if st.get("calls_per_worker") else "") + when)
     inner = run.get("wall_seconds") or 0.0
     lines.append(f"    overhead    {prof.get('overhead_s', 0):7.1f} s of the run's own {inner:.1f} s "
                  f"({100 * (prof.get('overhead_share') or 0):.0f} %; busiest stage {prof.get('busiest')}; "

@@ -142,10 +142,14 @@ def build_dataset(
             "num_cpus": cfg.num_cpus,
         }
         if stage.uses_model:
+            # A stage that asks for several calls at once (Stage.concurrency) gets a threaded
+            # actor: its model runs them in parallel (one copy of the weights per worker).
+            calls = max(1, stage.concurrency)
+            threaded = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
             ds = ds.map_batches(
                 StageActor,
                 fn_constructor_args=(stage,),
-                compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
+                compute=ray.data.ActorPoolStrategy(size=cfg.num_workers, **threaded),
                 num_gpus=cfg.num_gpus or None,
                 **common,
             )

@@ -229,7 +229,7 @@ class OutputLock:
 #: fast or where a stage runs, never what it writes.
 SPEED_KEYS = frozenset({
     "batch_size", "num_workers", "num_cpus", "num_gpus", "device",
-    "cpu_threads", "torch_threads", "onnx_threads",
+    "cpu_threads", "cpu_decoders", "torch_threads", "onnx_threads",
     "embed_batch_size", "pyannote_batch_size", "max_batch_windows",
     "token_env",  # names where a credential is read from, never what is written
 })
@@ -247,7 +247,7 @@ def output_fingerprint(cfg: RunConfig | Mapping[str, Any]) -> str:
 
     * in every stage section (and nested sections): ``batch_size``, ``num_workers``,
       ``num_cpus``, ``num_gpus``, ``device``, the thread counts (``cpu_threads``,
-      ``torch_threads``, ``onnx_threads``), the inner batch sizes (``embed_batch_size``,
+      ``cpu_decoders``, ``torch_threads``, ``onnx_threads``), the inner batch sizes (``embed_batch_size``,
       ``pyannote_batch_size``, ``max_batch_windows``):
       stages are written so that results do not depend on batching or placement (up to
       floating-point noise between devices);

@@ -101,17 +101,22 @@ def _biggest_node_cpus(ray: Any) -> int:
 
 def size_pools(stages: list[Stage], cluster: dict[str, float], node_cpus: int) -> dict[str, int]:
     """Resolve every ``num_workers: 0`` to the pool :func:`stages.base.plan_workers` sizes for
-    this cluster, in place, so the same config fills a laptop and a 64-core node.
+    this cluster, in place, so the same config fills a laptop and a 64-core node, and set each
+    stage's :attr:`~stages.base.Stage.concurrency` (calls per worker) from
+    :meth:`~stages.base.Stage.concurrent_calls`.
 
     Returns ``{stage: workers}`` for the stages it sized; logged at start-up.
     """
     sized = {}
+    said = []
     for s in stages:
+        s.concurrency = s.concurrent_calls(node_cpus) if s.uses_model else 1
         if s.config.num_workers == 0:
             s.config.num_workers = plan_workers(s, float(cluster.get("CPU", 1.0)), float(cluster.get("GPU", 0.0)), node_cpus)
             sized[s.name] = s.config.num_workers
-    if sized:
-        log.info("machine-sized pools: %s", ", ".join(f"{k}={v}" for k, v in sized.items()))
+            said.append(f"{s.name}={s.config.num_workers}" + (f" x{s.concurrency} calls" if s.concurrency > 1 else ""))
+    if said:
+        log.info("machine-sized pools: %s", ", ".join(said))
     return sized
 
 
@@ -258,9 +263,11 @@ def stage_profile(
 ) -> dict[str, Any]:
     """Where the time of a run went: each stage's busy time, and what the framework added.
 
-    A stage's *busy* time is the compute its workers spent on this run's recordings. Stages
-    run side by side, each on its pool of ``num_workers`` workers, so no run can be shorter
-    than its busiest stage's busy time divided by its workers: that is the *busiest path*.
+    A stage's *busy* time is the compute its workers spent on this run's recordings (a
+    worker running several calls at once, :attr:`~stages.base.Stage.concurrency`, counts
+    each). Stages run side by side, each on its pool of ``num_workers`` workers, so no run can
+    be shorter than its busiest stage's busy time divided by its workers' calls at once: that
+    is the *busiest path*.
     What the wall time adds to it (start-up, model loads, scheduling, waiting between
     stages) is reported as ``overhead_s``: the part a user can only win back from the
     framework, not from faster models.
@@ -282,6 +289,7 @@ def stage_profile(
     (6.5, 5.0, 3.0)
     """
     workers = {s.name: int(s.config.num_workers) for s in stages}
+    calls = {s.name: int(getattr(s, "concurrency", 1)) for s in stages}
     out: dict[str, Any] = {"stages": {}}
     spans = spans or {}
     for name, busy in stage_seconds.items():
@@ -291,9 +299,11 @@ def stage_profile(
             "rtf": round(busy / audio_s, 5) if audio_s else None,
             "share_of_wall": round(busy / wall, 4) if wall else None,
         }
+        if calls.get(name, 1) > 1:
+            out["stages"][name]["calls_per_worker"] = calls[name]
         if name in spans:
             out["stages"][name].update(first_s=round(spans[name][0], 3), last_s=round(spans[name][1], 3))
-    path = {name: busy / max(1, workers.get(name, 1)) for name, busy in stage_seconds.items()}
+    path = {name: busy / max(1, workers.get(name, 1) * calls.get(name, 1)) for name, busy in stage_seconds.items()}
     busiest = max(path, key=path.__getitem__) if path else None
     overhead = max(0.0, wall - (path[busiest] if busiest else 0.0))
     out.update(busiest=busiest, overhead_s=round(overhead, 3), overhead_share=round(overhead / wall, 4) if wall else None)
@@ -347,7 +357,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             for k, v in profile["stages"].items()
         ))
         lines.append(f"framework overhead: {profile['overhead_s']:.1f} s ({100 * (profile['overhead_share'] or 0):.0f}% "
-                     f"of wall; wall minus the busiest stage, {profile['busiest']}, over its workers"
+                     f"of wall; wall minus the busiest stage, {profile['busiest']}, over its parallel calls"
                      + "".join(f"; {part}" for part in overhead_parts(profile)) + ")")
     if r["drop_reasons"]:
         lines.append("dropped by reason: " + ", ".join(f"{k}={v}" for k, v in r["drop_reasons"].items()))

@@ -293,6 +293,11 @@ class Stage(ABC):
         cpu_share: the part of a full local run's CPU time this stage takes (measured by
             ``benchmarks/bench_speed.py``); a machine-sized pool (``num_workers: 0``) gets
             that share of the cluster's CPUs (:func:`plan_workers`).
+
+    Instance attribute:
+        concurrency: calls one worker runs at once; 1 unless the pipeline, sizing the pools
+            (``pipeline.run.size_pools``), set it from :meth:`concurrent_calls`. It travels
+            with the stage to its workers, so :meth:`setup` can size its model for it.
     """
 
     name: ClassVar[str]
@@ -307,6 +312,7 @@ class Stage(ABC):
         self.config = config
         self.context = context or StageContext()
         self.retry = RetryPolicy()
+        self.concurrency = 1
         self._ready = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -338,6 +344,18 @@ class Stage(ABC):
         thread setting (``cpu_threads``, ``torch_threads``, ``onnx_threads``) override this.
         """
         return max(1, int(self.config.num_cpus))
+
+    def concurrent_calls(self, node_cpus: int) -> int:
+        """Batches one worker should run at once on a node of ``node_cpus`` CPUs.
+
+        1 for nearly every stage: its library spreads one batch over the worker's threads.
+        A stage whose model gains more from a second batch beside the first than from a
+        second thread on the same batch (CTranslate2's Whisper decoding) returns more; the
+        pipeline then lets each of its actors run that many calls at once, and
+        :meth:`setup` finds the number in :attr:`concurrency`. Each call is still one
+        machine-independent batch, so outputs never depend on it.
+        """
+        return 1
 
     def runtime(self) -> str | None:
         """Device, dtype and attention of the loaded model (:func:`runtime_label`), or None.

@@ -24,7 +24,8 @@ def test_zero_threads_follow_the_cpus_this_process_may_use(monkeypatch: pytest.M
 def test_local_profile_is_machine_sized_and_threads_do_not_change_outputs() -> None:
     cfg = load_config(str(ROOT / "configs" / "local.yaml"), [])
     assert cfg.transcribe.cpu_threads == 0 and cfg.tokenize.torch_threads == 0
-    pinned = load_config(str(ROOT / "configs" / "local.yaml"), ["transcribe.cpu_threads=4", "tokenize.torch_threads=3"])
+    pinned = load_config(str(ROOT / "configs" / "local.yaml"),
+                         ["transcribe.cpu_threads=4", "transcribe.cpu_decoders=1", "tokenize.torch_threads=3"])
     # The output fingerprint (what a resume compares) ignores threads: same config, same outputs.
     assert output_fingerprint(cfg.model_dump(mode="json")) == output_fingerprint(pinned.model_dump(mode="json"))
 
@@ -65,3 +66,32 @@ def test_gpu_stages_are_sized_by_their_gpu_fraction_and_explicit_pools_stay() ->
     by_name = {s.name: s for s in stages}
     assert sized["transcribe"] == 8  # 4 GPUs / 0.5
     assert "tokenize" not in sized and by_name["tokenize"].config.num_workers == 3
+
+
+@pytest.mark.parametrize("cpus,calls", [(1, 1), (2, 2), (8, 8), (64, MAX_AUTO_THREADS)])
+def test_transcribe_decodes_one_batch_per_cpu_on_each_worker(cpus: int, calls: int) -> None:
+    """faster-whisper on CPU: a worker runs one single-thread decoder per CPU (calls at once),
+    so its threads, and so the pool sizes, are what one worker of machine-sized threads had."""
+    from pipeline.run import size_pools
+
+    stages = _local_stages()
+    size_pools(stages, {"CPU": float(cpus)}, cpus)
+    by_name = {s.name: s for s in stages}
+    assert by_name["transcribe"].concurrency == calls
+    assert by_name["transcribe"].worker_threads(cpus) == machine_threads(0, cpus)
+    assert all(s.concurrency == 1 for s in stages if s.name != "transcribe")
+
+
+@pytest.mark.parametrize("sets,calls", [
+    (["transcribe.cpu_decoders=1"], 1),  # the old layout: one decoder on all the threads
+    (["transcribe.cpu_threads=1"], 8),
+    (["transcribe.cpu_threads=4"], 2),
+    (["transcribe.num_gpus=1"], 1),  # a GPU decodes one batch at a time
+    (["transcribe.backend=openai-whisper"], 1),
+])
+def test_transcribe_concurrency_follows_its_settings(sets: list[str], calls: int) -> None:
+    from pipeline.run import size_pools
+
+    stages = _local_stages(sets)
+    size_pools(stages, {"CPU": 8.0, "GPU": 1.0}, 8)
+    assert next(s for s in stages if s.name == "transcribe").concurrency == calls

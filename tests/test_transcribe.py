@@ -59,6 +59,28 @@ def test_batched_equals_one_by_one(base_asr, english_clips) -> None:
         assert _wer(ref, t) <= 0.1, (ref, t)
 
 
+def test_concurrent_decoders_keep_each_call_to_its_own_audio(base_asr, english_clips) -> None:
+    # A worker with two decoders is called from two threads at once (the pipeline's threaded
+    # actor). Each call must get its own clips' words, as the one-decoder worker gives them:
+    # a mix-up between the calls would put a WER near 1 against the references.
+    from concurrent.futures import ThreadPoolExecutor
+
+    two = build_asr(TranscribeConfig(model="pkg:whisper-base"), StageContext(), decoders=2)
+    assert two.model.num_workers == 2
+    audios = [sf.read(p, dtype="float32")[0] for p, _ in english_clips]
+    calls = [audios[k::2] for k in range(2)] * 2  # four calls, two at a time
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda batch: two.transcribe(batch, 16000), calls))
+    for batch, results in zip(calls, together):
+        alone = base_asr.transcribe(batch, 16000)
+        for a, t in zip(alone, results):
+            assert _wer(a["text"], t["text"]) <= 0.1 and t["language"] == a["language"], (a, t)
+    refs = [r for _, r in english_clips]
+    for k in range(2):
+        for ref, res in zip(refs[k::2], together[k]):
+            assert _wer(ref, res["text"]) <= 0.1, (ref, res["text"])
+
+
 def test_other_sample_rates_are_resampled(base_asr, english_clips) -> None:
     import soxr
 
