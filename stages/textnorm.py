@@ -4,8 +4,9 @@ Whisper's EnglishTextNormalizer is the usual choice, but it joins spoken digit s
 into one number ("one two three" becomes "123") while leaving "1-2-3" as "one 2 3", so a
 correct transcript of counting scores a WER of 1000 %. Labelling data is full of counting,
 dates and phone numbers, so we normalise more simply and symmetrically: lower-case, unify
-apostrophes, treat hyphens and punctuation as word breaks, and spell each number word
-from zero to twenty as one digit token.
+apostrophes, treat hyphens and punctuation as word breaks, and write each spoken number as
+its digits (:func:`spoken_numbers`): "twenty seven" is "27" and "three thousand" is "3000",
+as a recognizer writes them, while "one two three" stays three numbers.
 """
 
 from __future__ import annotations
@@ -20,14 +21,64 @@ from typing import Literal
 #: Languages written without spaces between words: WER is meaningless there, CER decides.
 UNSPACED_LANGUAGES = ("zh", "ja", "ko", "yue", "th", "lo", "my", "km")
 
-_NUMBERS = {
-    w: str(i)
+_SMALL = {
+    w: i
     for i, w in enumerate(
         "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-        "fifteen sixteen seventeen eighteen nineteen twenty".split()
+        "fifteen sixteen seventeen eighteen nineteen".split()
     )
 }
+_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
+_SCALES = {"thousand": 10**3, "million": 10**6, "billion": 10**9}
 _PUNCT = re.compile(r"[^\w\s']|_", re.UNICODE)
+#: A comma between digits that groups thousands ("3,000"): dropped, not a word break.
+_GROUPING = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def spoken_numbers(words: list[str]) -> list[str]:
+    """Each spoken number among ``words`` as one digit token, by English number grammar.
+
+    A number is read the way it is said: a ten may take a unit after it ("twenty seven"), a
+    unit or teen may take "hundred" (then "and" and a smaller number), and any of those, or a
+    written number, may take "thousand" / "million" / "billion". Two units in a row are two
+    numbers, so counting and digit strings keep their words, as do "twenty twenty" (two
+    tens) and a bare "hundred".
+
+    >>> spoken_numbers("twenty seven seconds".split()), spoken_numbers("one two three".split())
+    (['27', 'seconds'], ['1', '2', '3'])
+    >>> spoken_numbers("two hundred and five thousand three hundred".split())
+    ['205300']
+    >>> spoken_numbers("3 thousand hours and a hundred".split()), spoken_numbers("twenty twenty".split())
+    (['3000', 'hours', 'and', 'a', 'hundred'], ['20', '20'])
+    """
+    out: list[str] = []
+    i, n = 0, len(words)
+    while i < n:
+        total, current, last, j = 0, None, "", i
+        while j < n:
+            w = words[j]
+            if w in _TENS and last in ("", "hundred", "scale"):
+                current, last = (current or 0) + _TENS[w], "tens"
+            elif w in _SMALL and (last in ("", "hundred", "scale") or (last == "tens" and 0 < _SMALL[w] < 10)):
+                current, last = (current or 0) + _SMALL[w], "small"
+            elif w.isdigit() and last == "":
+                current, last = int(w), "digits"
+            elif w == "hundred" and last == "small" and current is not None and current < 100:
+                current, last = current * 100, "hundred"
+            elif w in _SCALES and last in ("small", "tens", "hundred", "digits"):
+                total, current, last = total + (current or 0) * _SCALES[w], None, "scale"
+            elif w == "and" and last == "hundred" and j + 1 < n and (words[j + 1] in _SMALL or words[j + 1] in _TENS):
+                pass  # "two hundred and five"
+            else:
+                break
+            j += 1
+        if j == i or last == "digits":  # not a number word, or a written number left as it is
+            out.append(words[i])
+            i += 1
+            continue
+        out.append(str(total + (current or 0)))
+        i = j
+    return out
 
 
 def normalize_text(text: str) -> str:
@@ -35,11 +86,13 @@ def normalize_text(text: str) -> str:
 
     >>> normalize_text("One, two-three! It's 4.")
     "1 2 3 it's 4"
+    >>> normalize_text("Twenty-seven seconds, three thousand hours") == normalize_text("27 seconds, 3,000 hours")
+    True
     """
     text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
-    text = _PUNCT.sub(" ", text)
-    words = [_NUMBERS.get(w.strip("'"), w.strip("'")) for w in text.split()]
-    return " ".join(w for w in words if w)
+    text = _PUNCT.sub(" ", _GROUPING.sub("", text))
+    words = [w.strip("'") for w in text.split()]
+    return " ".join(spoken_numbers([w for w in words if w]))
 
 
 def wer(reference: str, hypothesis: str) -> float:

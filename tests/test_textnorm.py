@@ -84,3 +84,23 @@ def test_eval_transcripts_command(tmp_path, capsys) -> None:
     hyp.write_text("not json\n", encoding="utf-8")
     assert main(["eval", "transcripts", "--reference", str(ref), "--hypothesis", str(hyp)]) == 2
     assert "hyp.jsonl:1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spoken,written", [
+    ("twenty seven seconds", "27 seconds"),
+    ("twenty-seven seconds", "27 seconds"),
+    ("three thousand hours", "3000 hours"),
+    ("three thousand hours", "3,000 hours"),
+    ("3 thousand hours", "3000 hours"),
+    ("two hundred and five", "205"),
+    ("forty", "40"),
+])
+def test_a_number_said_in_words_equals_its_digits(spoken: str, written: str) -> None:
+    assert wer(spoken, written) == 0.0 and wer(written, spoken) == 0.0
+
+
+def test_counting_keeps_one_token_per_number() -> None:
+    # Joining "one two three" into "123" would score a correct "1, 2, 3" 300 % wrong.
+    assert wer("one two three", "1-2-3") == 0.0 and wer("one two three", "1, 2, 3") == 0.0
+    assert wer("one two three", "123") == 1.0
+    assert wer("twenty twenty", "20 20") == 0.0  # two tens are two numbers
