@@ -72,7 +72,8 @@ class TranscribeConfig(StageConfig):
         "over one copy of the weights (CTranslate2 inter_threads; the pipeline runs that many calls per "
         "actor). 0 = machine-sized: with cpu_threads 0, one single-thread decoder per CPU Ray sees (at most "
         "8), because decoding gains more from a second batch than from a second thread (whisper-base int8 "
-        "on 2 cores: 2 threads 1.39x one thread, 2 decoders 1.91x); with cpu_threads N, CPUs / N decoders. "
+        "on 2 cores: 2 threads 1.32x one thread, 2 decoders 1.66x, benchmarks/bench_decoders.py); with "
+        "cpu_threads N, CPUs / N decoders. "
         "Each call is one machine-independent batch, so this never changes outputs. The transcribe stage's "
         "only: roundtrip.asr decodes one batch at a time.",
     )
@@ -462,9 +463,10 @@ def hole_pieces(holes: list[tuple[float, float]], duration: float) -> list[tuple
 def cpu_decoding(cpu_threads: int, cpu_decoders: int, cpus: int) -> tuple[int, int]:
     """Decoders one faster-whisper worker runs at once on CPU, and intra-op threads per decoder.
 
-    Beam search over whisper-sized matrices keeps a second thread half idle, while a second
-    batch decoded beside the first keeps its core busy; CTranslate2 runs such decoders
-    (``inter_threads``) over one copy of the weights. So with both settings 0 a worker runs one
+    Beam search over whisper-sized matrices gains about a third from a second thread, and
+    about two thirds from a second batch decoded beside the first
+    (``benchmarks/bench_decoders.py``); CTranslate2 runs such decoders (``inter_threads``)
+    over one copy of the weights. So with both settings 0 a worker runs one
     single-thread decoder per CPU, up to :data:`~stages.base.MAX_AUTO_THREADS` (a bigger node
     gets more workers instead); a fixed ``cpu_threads`` gets the CPUs it leaves; a fixed
     ``cpu_decoders`` shares the CPUs out.
