@@ -1235,9 +1235,13 @@ class TranscribeStage(Stage):
             if self.config.device == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError("transcribe.device=cuda but no CUDA GPU is visible; set transcribe.device=cpu")
 
+    def _decoders(self, device: str) -> int:
+        """CTranslate2 decoders for this worker's models: one per call it runs at once, on CPU."""
+        return self.concurrency if device == "cpu" else 1
+
     def setup(self) -> None:
         device = self.resolve_device()
-        self.asr = build_asr(self.config, self.context, device, decoders=self.concurrency if device == "cpu" else 1)
+        self.asr = build_asr(self.config, self.context, device, decoders=self._decoders(device))
         self.lid = self._build_lid(device)
         self.labellers, self.fallbacks = self._build_labellers(device)
 
@@ -1279,7 +1283,7 @@ class TranscribeStage(Stage):
             ref = cfg.lid_model
         path = resolve(ref, "transcribe.lid_model", how=_HOW["faster-whisper"], cache_dir=self.context.cache_dir)
         lid_cfg = cfg.model_copy(update={"backend": "faster-whisper", "model": ref, "compute_type": "auto"})
-        lid = FasterWhisperBackend(path, device=device, config=lid_cfg, decoders=self.concurrency if device == "cpu" else 1)
+        lid = FasterWhisperBackend(path, device=device, config=lid_cfg, decoders=self._decoders(device))
         if not lid.multilingual:
             raise ValueError(f"transcribe.lid_model={ref} is English-only: it has no language head")
         return lid

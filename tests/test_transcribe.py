@@ -74,7 +74,7 @@ def test_concurrent_decoders_keep_each_call_to_its_own_audio(base_asr, english_c
     for batch, results in zip(calls, together):
         alone = base_asr.transcribe(batch, 16000)
         for a, t in zip(alone, results):
-            assert _wer(a["text"], t["text"]) <= 0.1 and t["language"] == a["language"], (a, t)
+            assert _wer(a["text"], t["text"]) <= 0.1 and t["language"] == "en", (a, t)  # English clips
     refs = [r for _, r in english_clips]
     for k in range(2):
         for ref, res in zip(refs[k::2], together[k]):
