@@ -59,13 +59,15 @@ def plan_stages(cfg: RunConfig, context: StageContext, out: Path | None = None, 
         stages.append(SegmentStage(cfg.segment, context))
     else:
         raise PreflightError("both diarize and segment are disabled: enable one of them to cut recordings into segments")
-    optional = [
+    optional: list[tuple[Any, type[Stage]]] = [
         (cfg.transcribe, TranscribeStage),
         (cfg.tokenize, TokenizeStage),
         (cfg.roundtrip, RoundtripStage),
         (cfg.quality, QualityStage),
         (cfg.filter, FilterStage),
     ]
+    if tokenize_after_filter(cfg):
+        optional.append(optional.pop(1))
     stages += [cls(section, context) for section, cls in optional if section.enabled]
     stages.append(WriteStage(
         cfg.write, context, out=str(out) if out else None,
@@ -77,6 +79,27 @@ def plan_stages(cfg: RunConfig, context: StageContext, out: Path | None = None, 
         if s.config.device == "auto" and cfg.device != "auto":
             s.config.device = cfg.device
     return stages
+
+
+def tokenize_after_filter(cfg: RunConfig) -> bool:
+    """Whether tokenize runs after the filter, on the segments it keeps (``tokenize.kept_only``).
+
+    Not when the filter is off (nothing is dropped) or when the round trip resynthesizes the
+    tokens themselves (``roundtrip.mode: tokens``): its verdict is one of the filter's inputs.
+
+    >>> from pipeline.config import RunConfig
+    >>> cfg = RunConfig()
+    >>> cfg.tokenize.enabled = True
+    >>> tokenize_after_filter(cfg)
+    True
+    >>> cfg.roundtrip.detokenizer_model = "/models/Kimi-Audio-7B"
+    >>> cfg.roundtrip.enabled, cfg.roundtrip.mode = True, "tokens"
+    >>> tokenize_after_filter(cfg)
+    False
+    """
+    if not (cfg.tokenize.enabled and cfg.tokenize.kept_only and cfg.filter.enabled):
+        return False
+    return not (cfg.roundtrip.enabled and cfg.roundtrip.mode == "tokens")
 
 
 def preflight(cfg: RunConfig, stages: list[Stage]) -> None:

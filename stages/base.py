@@ -333,6 +333,15 @@ class Stage(ABC):
         caller isolates the failing row and quarantines it.
         """
 
+    def takes(self, row: Row) -> bool:
+        """Whether this stage works on ``row``, an ok row; every row unless a stage says otherwise.
+
+        A row it does not take passes through as it came, with no provenance or time from this
+        stage: how a stage placed after the filter leaves the segments it dropped alone
+        (``tokenize.kept_only``), so no model time goes into samples that are never trained on.
+        """
+        return True
+
     def model_id(self) -> str:
         """The model this stage ran, as recorded in provenance ("none" for model-free stages)."""
         return "none"
@@ -453,8 +462,9 @@ class Stage(ABC):
 
     def _call_rows(self, rows: list[Row]) -> list[Row]:
         """The batch as given: failures isolated row by row, provenance and time stamped."""
-        todo = [r for r in rows if r.get("status", STATUS_OK) == STATUS_OK]
-        passthrough = [r for r in rows if r.get("status", STATUS_OK) != STATUS_OK]
+        taken = [r.get("status", STATUS_OK) == STATUS_OK and self.takes(r) for r in rows]
+        todo = [r for r, t in zip(rows, taken) if t]
+        passthrough = [r for r, t in zip(rows, taken) if not t]
         if not todo:
             return rows
         t0, started = time.perf_counter(), time.time()

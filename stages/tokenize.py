@@ -99,6 +99,14 @@ class TokenizeConfig(StageConfig):
         "the codebook file was fitted with (full for files that do not say), multiple for an upstream VQ "
         "directory. A padding other than the codebook's is refused.",
     )
+    kept_only: bool = Field(
+        True,
+        description="Tokenize after the filter, only the segments it keeps: dropped samples are written "
+        "without tokens.npy, and no encoder time goes into audio that is never trained on (a third of "
+        "the segments in the speed benchmark's corpus). false = tokenize every segment before quality "
+        "and filter, so dropped samples carry tokens too. Tokenize stays before the filter, whatever "
+        "this says, when the filter is off or roundtrip.mode is tokens (it resynthesizes the tokens).",
+    )
     max_batch_windows: int = Field(8, ge=1, le=1024, description="30 s windows per encoder call (memory bound).")
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch intra-op threads per worker; 0 = the node's CPUs as Ray sees them (at most 8)."
@@ -159,6 +167,11 @@ class TokenizeStage(Stage):
     writes = ("semantic_tokens", "whisper_features")
     uses_model = True
     cpu_share = 0.15
+
+    def takes(self, row: Row) -> bool:
+        """Every segment, except one the filter dropped when ``kept_only`` (the pipeline then
+        runs this stage after the filter; before it no row has a verdict)."""
+        return not (self.config.kept_only and row.get("verdict") == "drop")
 
     def worker_threads(self, node_cpus: int) -> int:
         """``torch_threads``, machine-sized when 0: the same rule each worker applies in setup()."""

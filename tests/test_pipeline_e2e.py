@@ -72,6 +72,9 @@ def test_output_layout_and_inspect(finished_run: Path) -> None:
         noisy = r["enhance_snr_db"] is not None and r["enhance_snr_db"] < 20.0
         assert ("enhanced.flac" in r["members"]) == noisy, (r["source"], r["enhance_snr_db"])
     assert all(set(json.loads(r["provenance"])) >= {"decode", "enhance", "diarize", "transcribe"} for r in rows)
+    # Tokenize runs after the filter (tokenize.kept_only): tokens in every kept sample, in no dropped one.
+    assert all("tokens.npy" in r["members"] and "tokenize" in json.loads(r["provenance"]) for r in rows)
+    assert not any("tokens.npy" in r["members"] for r in _index_rows(finished_run / "dropped"))
 
 
 def test_commits_stream_in_write_batches(finished_run: Path) -> None:

@@ -122,3 +122,41 @@ def test_check_names_missing_weights(models: dict[str, Path], tmp_path: Path) ->
         TokenizeConfig(max_batch_windows=0)
     with pytest.raises(ValueError):
         TokenizeConfig(unknown_key=1)
+
+
+def test_kept_only_leaves_dropped_segments_alone(models: dict[str, Path]) -> None:
+    """After the filter, a dropped segment gets no tokens and no tokenize provenance; a kept one
+    gets the tokens it would get alone, so dropping a neighbour changes nothing for it."""
+    audio = _row(0, 16000, 3.0)["audio"]
+    segments = [{"segment_index": k, "start_s": k * 1.0, "end_s": k + 1.0, "status": "ok", "verdict": v}
+                for k, v in enumerate(("keep", "drop", "keep"))]
+    rec = {"recording_id": "r", "source": "/r.wav", "status": "ok", "sample_rate": 16000, "duration_s": 3.0,
+           "audio": audio, "segments": segments}
+    cfg = TokenizeConfig(model=str(models["pt"]), codebook=str(models["cb"]))
+    (out,) = TokenizeStage(cfg)([rec])
+    kept, dropped = [out["segments"][k] for k in (0, 2)], out["segments"][1]
+    assert all(s["semantic_tokens"].shape == (13,) and "tokenize" in s["provenance"] for s in kept)
+    assert "semantic_tokens" not in dropped and "tokenize" not in (dropped.get("provenance") or {})
+    alone = TokenizeStage(cfg)([{**rec, "segments": [segments[2]]}])[0]["segments"][0]
+    np.testing.assert_array_equal(alone["semantic_tokens"], kept[1]["semantic_tokens"])
+    # kept_only: false tokenizes every segment, verdict or not.
+    (every,) = TokenizeStage(cfg.model_copy(update={"kept_only": False}))([rec])
+    assert all(s["semantic_tokens"].shape == (13,) for s in every["segments"])
+
+
+def test_tokenize_runs_after_the_filter_unless_it_must_not() -> None:
+    from pipeline.config import load_config
+    from pipeline.run import plan_stages
+
+    root = Path(__file__).resolve().parent.parent
+
+    def order(*sets: str) -> list[str]:
+        names = [s.name for s in plan_stages(load_config(root / "configs" / "local.yaml", list(sets)), StageContext())]
+        return names[names.index("transcribe"):]
+
+    assert order() == ["transcribe", "quality", "filter", "tokenize", "write"]
+    assert order("tokenize.kept_only=false") == ["transcribe", "tokenize", "quality", "filter", "write"]
+    assert order("filter.enabled=false") == ["transcribe", "tokenize", "quality", "write"]
+    tokens_rt = ("roundtrip.enabled=true", "roundtrip.mode=tokens", "roundtrip.detokenizer_model=/m/kimia")
+    assert order(*tokens_rt) == ["transcribe", "tokenize", "roundtrip", "quality", "filter", "write"]
+    assert order("roundtrip.enabled=true") == ["transcribe", "roundtrip", "quality", "filter", "tokenize", "write"]
