@@ -34,11 +34,14 @@ def bare_compute(folder: Path, cfg) -> dict[str, float]:
     configured batch size, and times only the stages that run a model (segmentation or
     diarization, ASR, tokenizer, quality...). Decode, filter and encode are pipeline work.
     """
-    from pipeline.run import plan_stages
+    import torch
+
+    from pipeline.run import batch_recordings, plan_stages
     from stages.base import StageContext
 
     context = StageContext(cache_dir=Path(cfg.models.cache_dir).expanduser())
     stages = plan_stages(cfg, context)
+    per_call = batch_recordings(cfg.ray.recordings_per_batch, {"GPU": float(torch.cuda.device_count())})
     rows = [r for f in sorted(folder.glob("*.wav")) for r in stages[0]([{"source": str(f), "status": "ok"}])]
     audio_s = sum(r["duration_s"] for r in rows)
     seconds: dict[str, float] = {}
@@ -48,7 +51,7 @@ def bare_compute(folder: Path, cfg) -> dict[str, float]:
             continue
         stage.setup()
         stage._ready = True
-        b = stage.config.batch_size if stage.level == "recording" else cfg.ray.recordings_per_batch
+        b = stage.config.batch_size if stage.level == "recording" else per_call
         t0 = time.perf_counter()
         rows = [out for i in range(0, len(rows), b) for out in stage(rows[i : i + b])]
         seconds[stage.name] = time.perf_counter() - t0

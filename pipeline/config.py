@@ -101,11 +101,13 @@ class RayConfig(BaseModel):
         None, gt=0, description="Object store size for the embedded Ray (default: Ray's choice)."
     )
     recordings_per_batch: int = Field(
-        2, ge=1, le=1024,
+        0, ge=0, le=1024,
         description="Recordings per call of a per-segment stage (transcribe, tokenize, quality, ...). The "
         "stage's own batch_size then caps segments per model call, cut between whole recordings. Each "
         "recording holds its audio once, so this bounds a worker's memory: a few long recordings, or more "
-        "short ones.",
+        "short ones. 0 = sized to the cluster (pipeline.run.batch_recordings): 1 where Ray sees no GPU, "
+        "since CPU stages gain nothing from larger calls and one recording per call lets the next stage "
+        "start sooner and leaves it a shorter tail; 2 with GPUs. Outputs never depend on it.",
     )
 
 
