@@ -12,7 +12,9 @@ the other, each as its own process so start-up (imports, Ray, model loads) is co
 Printed per run: wall time, real-time factor (wall / audio seconds), corpus WER against the
 generated transcripts (``stages.textnorm.corpus_wer``, every segment's label whether the
 filter kept it or not), the ratio to the peer's wall time, and from the run's manifest each
-stage's busy time and RTF and the framework overhead (``pipeline.run.stage_profile``).
+stage's busy time and RTF, each model stage's CPU time and CPU RTF (its worker processes,
+start-up included: busy time also counts waiting for a core, CPU time does not), and the
+framework overhead (``pipeline.run.stage_profile``).
 
     .venv/bin/python benchmarks/bench_speed.py              # ~8 min of espeak-ng speech, cached
     .venv/bin/python benchmarks/bench_speed.py --quick      # ~2 min
@@ -156,7 +158,8 @@ def profile_lines(run: dict[str, Any], wall: float, audio_s: float) -> list[str]
     lines = []
     for name, st in (prof.get("stages") or {}).items():
         when = f"  {st['first_s']:5.1f}-{st['last_s']:5.1f} s" if "first_s" in st else ""
-        lines.append(f"    {name:11s} busy {st['busy_s']:7.1f} s  RTF {st['rtf']:.4f}  "
+        used = f"  CPU {st['cpu_s']:6.1f} s (RTF {st['cpu_rtf']:.4f})" if st.get("cpu_s") is not None else ""
+        lines.append(f"    {name:11s} busy {st['busy_s']:7.1f} s  RTF {st['rtf']:.4f}{used}  "
                      f"{100 * (st.get('share_of_wall') or 0):3.0f} % of wall  x{st['workers']} workers"
                      + (f" x{st['calls_per_worker']} calls" if st.get("calls_per_worker") else "") + when)
     inner = run.get("wall_seconds") or 0.0

@@ -25,7 +25,7 @@ from pipeline.config import RunConfig
 from pipeline.inputs import discover
 from pipeline.guard import OutputLock, check_config_compatible, output_fingerprint, save_fingerprint, saved_fingerprint
 from pipeline.ray_local import init_ray
-from stages.base import KIND_TRANSIENT, RetryPolicy, Stage, StageContext, merge_spans, plan_workers
+from stages.base import KIND_TRANSIENT, RetryPolicy, Stage, StageContext, merge_cpu, merge_spans, plan_workers
 from stages.decode import DecodeStage
 from stages.filter import FilterStage
 from stages.quality import QualityStage
@@ -252,6 +252,7 @@ def _run_locked(
     first_commit_s: float | None = None
     ray_start_s: float | None = None
     spans: dict[str, list[float]] = {}  # per stage: first call's start, last call's end (epoch s)
+    cpu: dict[str, dict[str, float]] = {}  # per model stage and worker process: CPU seconds
     if todo:
         t_ray = time.perf_counter()
         init_ray(cfg, address, verbose=verbose)
@@ -279,6 +280,7 @@ def _run_locked(
                 first_commit_s = time.perf_counter() - t_start
             outcome: RecordingOutcome = row["outcome"]
             spans = merge_spans(spans, row.get("spans"))
+            cpu = merge_cpu(cpu, row.get("cpu"))
             this_run.add(outcome)
             seen.add(outcome.source)
             failed.extend(q for q in outcome.quarantine if q.get("kind") == KIND_TRANSIENT)
@@ -298,7 +300,8 @@ def _run_locked(
     run_summary["end_to_end_rtf"] = round(wall / audio_s, 5) if audio_s else None
     started = time.time() - wall  # the run's start on this clock, for the stages' spans
     run_summary["profile"] = stage_profile(run_summary["stage_seconds"], stages, wall, audio_s,
-                                           {k: (a - started, b - started) for k, (a, b) in spans.items()})
+                                           {k: (a - started, b - started) for k, (a, b) in spans.items()},
+                                           {k: sum(v.values()) for k, v in cpu.items()})
     # Part of the overhead, measured on its own: starting (or joining) Ray.
     run_summary["profile"]["ray_start_s"] = None if ray_start_s is None else round(ray_start_s, 3)
     summary["this_run"] = run_summary
@@ -311,7 +314,7 @@ def _run_locked(
 
 def stage_profile(
     stage_seconds: dict[str, float], stages: list[Stage], wall: float, audio_s: float,
-    spans: dict[str, tuple[float, float]] | None = None,
+    spans: dict[str, tuple[float, float]] | None = None, cpu: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Where the time of a run went: each stage's busy time, and what the framework added.
 
@@ -330,6 +333,11 @@ def stage_profile(
     busiest stage's last call (the stages behind it finishing the last batch, the commit).
     Spans come from each node's clock; on a cluster they are as good as its clock sync.
 
+    ``cpu`` (seconds, per model stage) is the CPU time of the stage's worker processes, their
+    start-up and model loading included (:func:`stages.base.merge_cpu`), reported as
+    ``cpu_s`` and ``cpu_rtf``. Busy time also counts the time a call waited for a core, so on
+    a machine the stages share, CPU time is the figure that says what a stage costs.
+
     >>> class S:  # a stand-in for a Stage: a name and a config with num_workers
     ...     def __init__(self, name, workers): self.name, self.config = name, type("C", (), {"num_workers": workers})
     >>> p = stage_profile({"decode": 2.0, "transcribe": 30.0}, [S("decode", 2), S("transcribe", 1)], 40.0, 200.0)
@@ -339,6 +347,9 @@ def stage_profile(
     ...                   {"decode": (5.0, 8.0), "transcribe": (6.5, 37.0)})
     >>> p["stages"]["transcribe"]["first_s"], p["first_call_s"], p["tail_s"]
     (6.5, 5.0, 3.0)
+    >>> p = stage_profile({"transcribe": 30.0}, [S("transcribe", 1)], 40.0, 200.0, cpu={"transcribe": 24.0})
+    >>> p["stages"]["transcribe"]["cpu_s"], p["stages"]["transcribe"]["cpu_rtf"]
+    (24.0, 0.12)
     """
     workers = {s.name: int(s.config.num_workers) for s in stages}
     calls = {s.name: int(getattr(s, "concurrency", 1)) for s in stages}
@@ -355,6 +366,8 @@ def stage_profile(
             out["stages"][name]["calls_per_worker"] = calls[name]
         if name in spans:
             out["stages"][name].update(first_s=round(spans[name][0], 3), last_s=round(spans[name][1], 3))
+        if cpu and name in cpu:
+            out["stages"][name].update(cpu_s=round(cpu[name], 3), cpu_rtf=round(cpu[name] / audio_s, 5) if audio_s else None)
     path = {name: busy / max(1, workers.get(name, 1) * calls.get(name, 1)) for name, busy in stage_seconds.items()}
     busiest = max(path, key=path.__getitem__) if path else None
     overhead = max(0.0, wall - (path[busiest] if busiest else 0.0))
@@ -408,6 +421,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{k} {v['busy_s']:.1f}s/{v['rtf']}/{100 * (v['share_of_wall'] or 0):.0f}%"
             for k, v in profile["stages"].items()
         ))
+        used = {k: v for k, v in profile["stages"].items() if v.get("cpu_s") is not None}
+        if used:
+            lines.append("model stages' CPU (s, RTF; their worker processes, start-up included): " + ", ".join(
+                f"{k} {v['cpu_s']:.1f}s/{v['cpu_rtf']}" for k, v in used.items()))
         lines.append(f"framework overhead: {profile['overhead_s']:.1f} s ({100 * (profile['overhead_share'] or 0):.0f}% "
                      f"of wall; wall minus the busiest stage, {profile['busiest']}, over its parallel calls"
                      + "".join(f"; {part}" for part in overhead_parts(profile)) + ")")

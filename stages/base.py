@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sys
 import time
 import traceback
@@ -190,6 +191,26 @@ def merge_spans(*spans: dict[str, Any] | None) -> dict[str, list[float]]:
         for stage, (start, end) in (m or {}).items():
             have = out.get(stage)
             out[stage] = [float(start), float(end)] if have is None else [min(have[0], start), max(have[1], end)]
+    return out
+
+
+def merge_cpu(*maps: dict[str, dict[str, float]] | None) -> dict[str, dict[str, float]]:
+    """Per stage and worker process, the largest of several CPU-seconds readings.
+
+    A model stage's worker stamps each row it returns with its process's CPU time so far
+    (``{stage: {"host:pid": seconds}}``, start-up and model loading included); the largest
+    reading of a worker is its total for the run, and a stage's CPU is the sum over its
+    workers. Unlike busy time, it does not grow while a worker waits for a core.
+
+    >>> merge_cpu({"asr": {"h:1": 5.0}}, None, {"asr": {"h:1": 9.0, "h:2": 4.0}, "vad": {"h:3": 1.0}})
+    {'asr': {'h:1': 9.0, 'h:2': 4.0}, 'vad': {'h:3': 1.0}}
+    """
+    out: dict[str, dict[str, float]] = {}
+    for m in maps:
+        for stage, workers in (m or {}).items():
+            have = out.setdefault(stage, {})
+            for worker, seconds in workers.items():
+                have[worker] = max(have.get(worker, 0.0), float(seconds))
     return out
 
 
@@ -452,7 +473,8 @@ class Stage(ABC):
         failed = next((s for s in out["segments"] if s.get("error_kind") == KIND_TRANSIENT), None)
         if failed is None:
             return out
-        keep = ("recording_id", "source", "duration_s", "sample_rate", "source_meta", "timings", "provenance", "spans")
+        keep = ("recording_id", "source", "duration_s", "sample_rate", "source_meta", "timings", "provenance", "spans",
+                "cpu")
         return {
             **{k: out[k] for k in keep if k in out},
             "status": STATUS_QUARANTINED,
@@ -523,6 +545,9 @@ class Stage(ABC):
         when the first stage began and how long the run went on after its busiest stage.
         """
         ok = [r for r in rows if r.get("status", STATUS_OK) == STATUS_OK]
+        # Model stages own their worker processes (actors), so the process's CPU time is the
+        # stage's; model-free stages run as tasks in processes that other stages share.
+        cpu = {self.name: {f"{socket.gethostname()}:{os.getpid()}": time.process_time()}} if self.uses_model else None
         stamp = {"model": self.model_id(), "config_hash": self.config.config_hash()}
         runtime = self.runtime()
         if runtime:
@@ -537,4 +562,6 @@ class Stage(ABC):
                 prov[self.name] = stamp
                 r["provenance"] = prov
                 r["spans"] = merge_spans(r.get("spans"), {self.name: (started, started + elapsed)})
+                if cpu:
+                    r["cpu"] = merge_cpu(r.get("cpu"), cpu)
             r["timings"] = timings

@@ -44,7 +44,7 @@ AUDIO_FIELDS = ("audio", "audio_enhanced")
 #: Recording fields a view shows but a segment never stores (its own values win).
 _VIEW_ONLY = ("recording_duration_s",)
 #: Recording fields that stay with the recording: each segment has its own.
-_PER_SEGMENT = ("segments", "duration_s", "status", "provenance", "timings", "spans", *AUDIO_FIELDS)
+_PER_SEGMENT = ("segments", "duration_s", "status", "provenance", "timings", "spans", "cpu", *AUDIO_FIELDS)
 
 
 class SegmentRow(TypedDict, total=False):
@@ -63,6 +63,8 @@ class SegmentRow(TypedDict, total=False):
         provenance, timings: per stage that touched the segment, model/config hash and seconds.
         spans: per stage, [first start, last end] of its calls on this node's clock (epoch
             seconds); read by the run summary, never written to OUT.
+        cpu: per model stage and worker process, its CPU seconds so far
+            (:func:`stages.base.merge_cpu`); read by the run summary, never written to OUT.
     """
 
     segment_index: int
@@ -78,6 +80,7 @@ class SegmentRow(TypedDict, total=False):
     provenance: dict[str, dict[str, str]]
     timings: dict[str, float]
     spans: dict[str, list[float]]
+    cpu: dict[str, dict[str, float]]
 
 
 class RecordingRow(TypedDict, total=False):
@@ -94,7 +97,7 @@ class RecordingRow(TypedDict, total=False):
         source_meta: extra fields of the input's manifest line, carried to the index.
         loudness_lufs: integrated loudness before normalisation.
         segments: after segmentation (``segment`` or ``diarize``); absent before.
-        provenance, timings, spans: per recording-level stage (decode, enhance, diarize, ...).
+        provenance, timings, spans, cpu: per recording-level stage (decode, enhance, diarize, ...).
     """
 
     recording_id: str
@@ -109,6 +112,7 @@ class RecordingRow(TypedDict, total=False):
     provenance: dict[str, dict[str, str]]
     timings: dict[str, float]
     spans: dict[str, list[float]]
+    cpu: dict[str, dict[str, float]]
 
 
 def span_samples(segment: dict[str, Any], sample_rate: int, length: int) -> tuple[int, int]:

@@ -138,12 +138,21 @@ def test_manifest_summary(finished_run: Path) -> None:
     assert spans["write"][1] >= spans["filter"][1], spans
     assert profile["ray_start_s"] <= profile["first_call_s"] == min(a for a, _ in spans.values())
     assert 0 <= profile["tail_s"] <= wall - profile["first_call_s"]
+    # Each model stage's CPU: its worker processes', start-up included, so more than nothing and
+    # no more than its workers' threads could burn in the run's wall time.
+    cpus = os.cpu_count() or 1
+    for name in ("diarize", "transcribe", "tokenize", "quality"):
+        st = profile["stages"][name]
+        assert 0 < st["cpu_s"] <= st["workers"] * cpus * wall and st["cpu_rtf"] > 0, (name, st)
+    assert "cpu_s" not in profile["stages"]["filter"]  # a task shares its process with other stages
     # Clock times stay out of OUT: two runs of the same input write the same sample metadata.
     from stages.write import OutLayout
 
     layout = OutLayout(finished_run)
     _, members = next(layout.iter_samples(layout.committed_shards()[0]))
-    assert "spans" not in json.loads(members["json"]) and "spans" not in layout.index_columns(layout.committed_shards()[0])
+    for internal in ("spans", "cpu"):
+        assert internal not in json.loads(members["json"])
+        assert internal not in layout.index_columns(layout.committed_shards()[0])
 
 
 def test_rerun_is_a_no_op(finished_run: Path, corpus: Path, capsys) -> None:

@@ -146,7 +146,7 @@ def test_write_stage_returns_outcomes_not_audio(tmp_path: Path) -> None:
     q = {"source": "/data/bad.wav", "status": STATUS_QUARANTINED, "failed_stage": "decode", "error": "x"}
     rows = stage([_recording("aa", 2), q])
     assert [r["source"] for r in rows] == ["/data/aa.wav", "/data/bad.wav"]
-    assert all(set(r) == {"source", "recording_id", "outcome", "spans"} for r in rows)
+    assert all(set(r) == {"source", "recording_id", "outcome", "spans", "cpu"} for r in rows)
     assert rows[0]["outcome"].kept == 2 and "write" in rows[0]["outcome"].timings
     (start, end), = rows[1]["spans"].values()  # when this write ran, for the driver's summary
     assert rows[1]["spans"] == rows[0]["spans"] and start <= end

@@ -44,12 +44,12 @@ import numpy as np
 from pydantic import Field
 
 from kimia_model.audio import encode_flac
-from stages.base import KIND_BAD_INPUT, STATUS_EMPTY, STATUS_OK, STATUS_QUARANTINED, Row, Stage, StageConfig, merge_spans
+from stages.base import KIND_BAD_INPUT, STATUS_EMPTY, STATUS_OK, STATUS_QUARANTINED, Row, Stage, StageConfig, merge_cpu, merge_spans
 from stages.rows import ARRAY_FIELDS, sample_key, segment_duration, segment_views
 from stages.write.layout import DROPPED, JSON_COLUMNS, KEPT, OutLayout, RecordingOutcome, plain
 
 #: Fields that never go into the sample JSON or the index.
-_INTERNAL = ("error_detail", "segments", "reason_detail", "spans")
+_INTERNAL = ("error_detail", "segments", "reason_detail", "spans", "cpu")
 
 
 class WriteConfig(StageConfig):
@@ -361,8 +361,10 @@ class WriteStage(Stage):
         # into OUT: clock times would make two runs' outputs differ).
         spans = {str(r.get("source")): recording_spans(r) for r in rows}
         written = {"write": (started, time.time())}
+        cpu = {str(r.get("source")): merge_cpu(r.get("cpu"), *(g.get("cpu") for g in r.get("segments") or []))
+               for r in rows}
         return [{"source": o.source, "recording_id": o.recording_id, "outcome": o,
-                 "spans": merge_spans(spans.get(o.source), written)} for o in outcomes]
+                 "spans": merge_spans(spans.get(o.source), written), "cpu": cpu.get(o.source, {})} for o in outcomes]
 
     def __call__(self, rows: list[Row]) -> list[Row]:
         # Every row is written, whatever its status, and a failure here is not a bad input:
