@@ -48,10 +48,22 @@ def _segments(out: Path) -> dict[tuple[str, int], dict]:
     return rows
 
 
-def _without_duplicate(row: dict) -> dict:
-    """The row as it would be with no other copy in the run: its verdict from its own checks."""
+def _without_duplicate(row: dict, copies: bool = False) -> dict:
+    """The row as it would be with no other copy in the run: its verdict from its own checks.
+
+    With ``copies`` (this segment or its copy was dropped as a duplicate in one of the runs
+    compared), its tokens are left out: tokenize runs after the filter, so the copy dropped
+    has none, and which copy that is depends on arrival order.
+    """
     reasons = [r for r in (row["drop_reasons"] or []) if r != DUPLICATE_REASON]
-    return {**row, "drop_reasons": reasons, "verdict": "drop" if reasons else "keep"}
+    out = {**row, "drop_reasons": reasons, "verdict": "drop" if reasons else "keep"}
+    if copies:
+        out.pop("tokens")
+    return out
+
+
+def _dropped_as_copy(*rows: dict) -> bool:
+    return any(DUPLICATE_REASON in (r["drop_reasons"] or []) for r in rows)
 
 
 def _run(corpus: Path, out: Path, *overrides: str) -> dict[tuple[str, int], dict]:
@@ -92,8 +104,20 @@ def test_labels_do_not_depend_on_batching(runs: tuple[dict, dict]) -> None:
     small, large = runs
     assert small.keys() == large.keys() and len(small) >= 8
     differ = {k: {f: (small[k][f], large[k][f]) for f in small[k] if small[k][f] != large[k][f]}
-              for k in small if _without_duplicate(small[k]) != _without_duplicate(large[k])}
+              for k in small
+              if _without_duplicate(small[k], c := _dropped_as_copy(small[k], large[k])) != _without_duplicate(large[k], c)}
     assert not differ, differ
+    # Tokenize runs after the filter: tokens in every kept segment, in none the filter dropped.
+    # (A copy is dropped by the filter or, when its twin was still on the way, by the writer,
+    # after tokenize: that one has tokens.)
+    def tokens_as_expected(r: dict) -> bool:
+        if r["verdict"] == "keep":
+            return r["tokens"] is not None
+        return _dropped_as_copy(r) or r["tokens"] is None
+
+    odd = [(k, r["verdict"], r["drop_reasons"]) for run in runs for k, r in run.items() if not tokens_as_expected(r)]
+    assert not odd, odd
+    assert any(r["verdict"] == "drop" and not _dropped_as_copy(r) for run in runs for r in run.values())
     # Which byte-identical copy keeps a segment is arrival order (the first to reach a writer);
     # that exactly one of them keeps it, whenever its other checks pass, is not.
     for run in (small, large):
@@ -114,9 +138,13 @@ def test_labels_do_not_depend_on_batching(runs: tuple[dict, dict]) -> None:
     copy = {i: r for (src, i), r in large.items() if src == "b_conversation_copy.wav"}
     assert conv.keys() == copy.keys() and conv
     for i in conv:
-        a = {k: v for k, v in conv[i].items() if k not in ("verdict", "drop_reasons")}
-        b = {k: v for k, v in copy[i].items() if k not in ("verdict", "drop_reasons")}
+        a = {k: v for k, v in conv[i].items() if k not in ("verdict", "drop_reasons", "tokens")}
+        b = {k: v for k, v in copy[i].items() if k not in ("verdict", "drop_reasons", "tokens")}
         assert a == b, (i, a, b)
+        # The copy kept has the tokens the other copy would have had (same bytes, same tokens).
+        kept = [r["tokens"] for run in runs for r in (run[("a_conversation.wav", i)],
+                                                      run[("b_conversation_copy.wav", i)]) if r["tokens"]]
+        assert len(set(kept)) <= 1, (i, kept)
 
 
 def test_mandarin_in_the_same_run_is_punctuated_from_its_pauses(runs: tuple[dict, dict]) -> None:
