@@ -48,7 +48,7 @@ from corpus import WORK, make_corpus  # noqa: E402
 from kimia_model.refs import default_cache_dir  # noqa: E402
 from pipeline.config import RunConfig, load_config  # noqa: E402
 from pipeline.run import plan_stages  # noqa: E402
-from stages.base import StageContext  # noqa: E402
+from stages.base import Stage, StageContext  # noqa: E402
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3")
 
@@ -87,19 +87,26 @@ def one_machine_overrides(cfg: RunConfig, gpus: int, cpus: int) -> list[str]:
     share = math.floor(100 / len(on_gpu)) / 100 if on_gpu else 0.0
     sets = ["ray.address=null", f"device={'cuda' if gpus else 'cpu'}"]
     workers: dict[str, int] = {}
+    # A section two stages share (quality and quality_text) is set by the first, its model stage.
+    firsts: dict[str, Stage] = {}
     for s in stages:
+        firsts.setdefault(s.config_section(), s)
+    stages = list(firsts.values())
+    for s in stages:
+        section = s.config_section()
         if s in on_gpu:
-            workers[s.name] = 1
-            sets.append(f"{s.name}.num_gpus={share if gpus else 0}")
+            workers[section] = 1
+            sets.append(f"{section}.num_gpus={share if gpus else 0}")
         else:
-            workers[s.name] = min(s.config.num_workers, max(1, cpus // max(1, len(models))))
-        if s.name != "write":  # the writer is a task, one per batch
-            sets.append(f"{s.name}.num_workers={workers[s.name]}")
-    held = sum(s.config.num_cpus * workers[s.name] for s in models)
+            workers[section] = min(s.config.num_workers, max(1, cpus // max(1, len(models))))
+        if section != "write":  # the writer is a task, one per batch
+            sets.append(f"{section}.num_workers={workers[section]}")
+    held = sum(s.config.num_cpus * workers[s.config_section()] for s in models)
     tasks = max((s.config.num_cpus for s in stages if not s.uses_model), default=0.0)
     scale = min(1.0, 0.9 * cpus / (held + tasks)) if held + tasks else 1.0
     if scale < 1.0:
-        sets += [f"{s.name}.num_cpus={max(0.01, math.floor(100 * s.config.num_cpus * scale) / 100)}" for s in stages]
+        sets += [f"{s.config_section()}.num_cpus={max(0.01, math.floor(100 * s.config.num_cpus * scale) / 100)}"
+                 for s in stages]
     return sets
 
 

@@ -11,7 +11,8 @@ the other, each as its own process so start-up (imports, Ray, model loads) is co
 
 Printed per run: wall time, real-time factor (wall / audio seconds), corpus WER against the
 generated transcripts (``stages.textnorm.corpus_wer``, every segment's label whether the
-filter kept it or not), the ratio to the peer's wall time, and from the run's manifest each
+filter kept it or not; the full profile does not transcribe the segments its audio checks drop,
+``transcribe.kept_only``, so its reference leaves out the turns those segments hold), the ratio to the peer's wall time, and from the run's manifest each
 stage's busy time and RTF, each model stage's CPU time and CPU RTF (its worker processes,
 start-up included: busy time also counts waiting for a core, CPU time does not), and the
 framework overhead (``pipeline.run.stage_profile``).
@@ -108,17 +109,39 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return dt, sum(cpu.values())
 
 
-def run_texts(out: Path) -> dict[str, str]:
-    """Per input file name, its segments' labels joined in order (kept and dropped alike)."""
+def run_texts(out: Path) -> tuple[dict[str, str], dict[str, list[tuple[float, float]]]]:
+    """Per input file name, its segments' labels joined in order (kept and dropped alike), and
+    the spans of the segments that were never transcribed (dropped by the audio checks first,
+    ``transcribe.kept_only``)."""
     from stages.write import OutLayout
 
     layout = OutLayout(out)
     segs: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    skipped: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for shard in layout.committed_shards():
         table = layout.read_index(shard).to_pylist()
         for row in table:
-            segs[Path(str(row["source"])).name].append((int(row["segment_index"]), row.get("text") or ""))
-    return {name: " ".join(t for _, t in sorted(items)) for name, items in segs.items()}
+            name = Path(str(row["source"])).name
+            if row.get("text") is None:
+                skipped[name].append((float(row["start_s"]), float(row["end_s"])))
+                continue
+            segs[name].append((int(row["segment_index"]), row["text"]))
+    return {name: " ".join(t for _, t in sorted(items)) for name, items in segs.items()}, dict(skipped)
+
+
+def transcribed_refs(meta: list[dict], skipped: dict[str, list[tuple[float, float]]]) -> dict[str, str]:
+    """Per file, the generated turns whose midpoint lies in no untranscribed segment: the
+    reference for a run that did not transcribe everything, so its WER is over the speech it
+    labelled instead of counting every skipped turn as deleted words.
+
+    >>> meta = [{"file": "a.wav", "turns": [(0.0, 2.0, "v", "one"), (2.5, 4.0, "v", "two")]}]
+    >>> transcribed_refs(meta, {"a.wav": [(2.4, 4.1)]}), transcribed_refs(meta, {})
+    ({'a.wav': 'one'}, {'a.wav': 'one two'})
+    """
+    def kept(name: str, start: float, end: float) -> bool:
+        return not any(a <= (start + end) / 2 < b for a, b in skipped.get(name, []))
+
+    return {rec["file"]: " ".join(t[3] for t in rec["turns"] if kept(rec["file"], t[0], t[1])) for rec in meta}
 
 
 class Run(NamedTuple):
@@ -128,6 +151,7 @@ class Run(NamedTuple):
     cpu: float
     wer: float | None
     lines: list[str]
+    untranscribed: int = 0
 
 
 def median_run(runs: list[Run]) -> Run:
@@ -188,6 +212,7 @@ def main() -> None:
 
     import soundfile as sf
 
+    meta: list[dict] = []
     if args.input:
         folder = args.input
         refs = json.loads(args.refs.read_text()) if args.refs else {}
@@ -216,8 +241,13 @@ def main() -> None:
                 continue
             out = work / f"out-{key}"
             (wall, cpu), run = kimia(folder, out, args.config, sets + args.sets)
-            runs[key].append(Run(wall, cpu, score(refs, run_texts(out)) if refs else None,
-                                 profile_lines(run, wall, audio_s)))
+            texts, skipped = run_texts(out)
+            if skipped and not meta:
+                print(f"    {key}: {sum(map(len, skipped.values()))} segments were not transcribed (dropped by the "
+                      "audio checks first); without turn timings their words count as deleted")
+            mine = transcribed_refs(meta, skipped) if skipped and meta else refs
+            runs[key].append(Run(wall, cpu, score(mine, texts) if refs else None, profile_lines(run, wall, audio_s),
+                                 sum(map(len, skipped.values()))))
 
     print(f"{'run':42s} {'wall s':>8s} {'RTF':>7s} {'WER':>7s} {'x peer':>7s} {'CPU s':>8s} {'x peer':>7s}"
           + ("  wall range      CPU range" if args.repeat > 1 else ""))
@@ -237,6 +267,9 @@ def main() -> None:
               f"{wer_s} {ratio} {statistics.median(cpus):8.1f} {cpu_ratio}{spread}")
         if len({r.wer for r in mine}) > 1:
             print(f"    WER differed between rounds: {', '.join(f'{r.wer:.4f}' for r in mine)}")
+        if mid.untranscribed:
+            print(f"    WER over the turns it transcribed: {mid.untranscribed} segments dropped by the audio checks "
+                  "were not (transcribe.kept_only)")
         for line in mid.lines:
             print(line)
 

@@ -27,8 +27,8 @@ from pipeline.guard import OutputLock, check_config_compatible, output_fingerpri
 from pipeline.ray_local import init_ray
 from stages.base import KIND_TRANSIENT, RetryPolicy, Stage, StageContext, merge_cpu, merge_spans, plan_workers
 from stages.decode import DecodeStage
-from stages.filter import FilterStage
-from stages.quality import QualityStage
+from stages.filter import AudioFilterStage, FilterStage
+from stages.quality import QualityStage, TranscriptQualityStage
 from stages.roundtrip import RoundtripStage
 from stages.segment import SegmentStage
 from stages.transcribe import TranscribeStage
@@ -44,7 +44,14 @@ class PreflightError(RuntimeError):
 def plan_stages(cfg: RunConfig, context: StageContext, out: Path | None = None, duplicates: Any = None) -> list[Stage]:
     """The enabled stages in pipeline order (decode and write always run).
 
-    Segmentation is diarization when ``diarize.enabled``, else Silero VAD (``segment``).
+    Segmentation is diarization when ``diarize.enabled``, else Silero VAD (``segment``). Then,
+    by default (:func:`transcribe_after_audio_checks`, :func:`tokenize_after_filter`)::
+
+        quality -> filter_audio -> transcribe -> [roundtrip] -> quality_text -> filter -> tokenize
+
+    so that neither model spends time on a segment that is dropped anyway; with
+    ``transcribe.kept_only: false`` and ``tokenize.kept_only: false`` the order is
+    transcribe -> tokenize -> [roundtrip] -> quality -> filter.
     """
     from stages.diarize import DiarizeStage
     from stages.enhance import EnhanceStage
@@ -59,15 +66,20 @@ def plan_stages(cfg: RunConfig, context: StageContext, out: Path | None = None, 
         stages.append(SegmentStage(cfg.segment, context))
     else:
         raise PreflightError("both diarize and segment are disabled: enable one of them to cut recordings into segments")
+    tokenize = [(cfg.tokenize, TokenizeStage)]
+    after_filter = tokenize_after_filter(cfg)
+    audio_first = transcribe_after_audio_checks(cfg)
+    # A section that two stages share is copied for the second, so that sizing its pool
+    # (size_pools sets num_workers in place) cannot size the other's.
     optional: list[tuple[Any, type[Stage]]] = [
+        *([(cfg.quality, QualityStage), (cfg.filter.model_copy(), AudioFilterStage)] if audio_first else []),
         (cfg.transcribe, TranscribeStage),
-        (cfg.tokenize, TokenizeStage),
+        *([] if after_filter else tokenize),
         (cfg.roundtrip, RoundtripStage),
-        (cfg.quality, QualityStage),
+        (cfg.quality.model_copy(), TranscriptQualityStage) if audio_first else (cfg.quality, QualityStage),
         (cfg.filter, FilterStage),
+        *(tokenize if after_filter else []),
     ]
-    if tokenize_after_filter(cfg):
-        optional.append(optional.pop(1))
     stages += [cls(section, context) for section, cls in optional if section.enabled]
     stages.append(WriteStage(
         cfg.write, context, out=str(out) if out else None,
@@ -102,6 +114,22 @@ def tokenize_after_filter(cfg: RunConfig) -> bool:
     return not (cfg.roundtrip.enabled and cfg.roundtrip.mode == "tokens")
 
 
+def transcribe_after_audio_checks(cfg: RunConfig) -> bool:
+    """Whether quality and the filter's audio checks run before transcribe (``transcribe.kept_only``),
+    which then leaves the segments they drop alone; the transcript's own signals are measured
+    after it (``quality_text``) and the full filter runs as usual.
+
+    >>> from pipeline.config import RunConfig
+    >>> cfg = RunConfig()
+    >>> transcribe_after_audio_checks(cfg)
+    True
+    >>> cfg.quality.enabled = False
+    >>> transcribe_after_audio_checks(cfg)
+    False
+    """
+    return cfg.transcribe.enabled and cfg.transcribe.kept_only and cfg.quality.enabled and cfg.filter.enabled
+
+
 def preflight(cfg: RunConfig, stages: list[Stage]) -> None:
     """Cross-stage checks and every stage's own ``check()``, before any work."""
     enhanced = any(s.name == "enhance" for s in stages)
@@ -109,7 +137,7 @@ def preflight(cfg: RunConfig, stages: list[Stage]) -> None:
         # quality.audio_field is not checked: it measures the original where no enhanced
         # stream exists (what is written), which is also what enhance.when=noisy relies on.
         stream = getattr(s.config, "input_stream", None) or getattr(s.config, "audio_field", "audio")
-        if s.name == "quality":
+        if isinstance(s, QualityStage):
             stream = "audio"
         if stream in ("enhanced", "audio_enhanced") and not enhanced:
             raise PreflightError(f"{s.name} reads the enhanced stream but the enhance stage is disabled (enhance.enabled)")

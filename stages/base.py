@@ -303,7 +303,10 @@ class Stage(ABC):
     """Base class of all stages.
 
     Class attributes:
-        name: the stage's name; also its config section and its provenance key.
+        name: the stage's name, its provenance key and, unless ``section`` says otherwise, its
+            config section.
+        section: the config section it reads, where a second stage shares another's
+            (``filter_audio`` reads ``filter``, ``quality_text`` reads ``quality``).
         reads / writes: the row fields it consumes and produces (documentation and checks).
         fanout: True when one input row becomes zero or more output rows (recording to
             segments); the pipeline then never fuses it with a non-fan-out stage.
@@ -322,6 +325,7 @@ class Stage(ABC):
     """
 
     name: ClassVar[str]
+    section: ClassVar[str | None] = None
     level: ClassVar[Literal["recording", "segment"]] = "segment"
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
@@ -353,6 +357,11 @@ class Stage(ABC):
         Raise :class:`StageError` (or any exception) for input-specific failures: the
         caller isolates the failing row and quarantines it.
         """
+
+    @classmethod
+    def config_section(cls) -> str:
+        """The config section this stage reads (``section``, else ``name``)."""
+        return cls.section or cls.name
 
     def takes(self, row: Row) -> bool:
         """Whether this stage works on ``row``, an ok row; every row unless a stage says otherwise.

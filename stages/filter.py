@@ -4,7 +4,9 @@ The filter never measures anything; it reads the fields that ``transcribe``, ``q
 ``roundtrip`` wrote and compares them with thresholds, so a run can be re-thresholded from
 its index without recomputing a single model. A signal that is absent
 (its stage was disabled) or ``None`` (not measurable, e.g. SNR of digital silence) is not
-checked: a disabled stage must never drop data by accident.
+checked: a disabled stage must never drop data by accident. (With ``transcribe.kept_only``, the
+default, segments dropped for their audio are not transcribed: re-thresholding those checks
+downward later finds no transcript for them; :class:`AudioFilterStage`.)
 
 Every failed check adds one reason to ``drop_reasons``, and to ``drop_details`` the value that
 failed it beside the bound (``"low_snr: snr_db=3.1 < 10"``); ``verdict`` is ``"drop"`` when there
@@ -123,6 +125,11 @@ REASONS = (
     DUPLICATE_REASON,
 )
 _OWN_REASONS = frozenset(REASONS)
+#: The reasons that need no transcript: all that :class:`AudioFilterStage` can give.
+AUDIO_REASONS = frozenset({
+    "duration_too_short", "duration_too_long", "low_snr", "low_dnsmos_ovrl", "low_dnsmos_sig", "low_dnsmos_bak",
+    "clipping", "mostly_silence", "mixed_speakers",
+})
 
 
 def _opt(default: float | None, description: str, **bounds: float) -> Any:
@@ -374,6 +381,14 @@ class FilterStage(Stage):
     config: FilterConfig
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
+        out = self._judge_rows(rows)
+        if self.config.dedupe_within_batch:
+            tracker = DuplicateTracker()
+            for row in out:
+                tracker.apply(row)
+        return out
+
+    def _judge_rows(self, rows: list[Row]) -> list[Row]:
         out = []
         for row in rows:
             # Stages upstream may already have judged the row (roundtrip appends
@@ -385,8 +400,28 @@ class FilterStage(Stage):
             details = [d for d in row.get("drop_details") or [] if d.split(":", 1)[0] not in _OWN_REASONS]
             details += [f"{r}: {d}" for r, d in own]
             out.append({**row, "verdict": DROP if reasons else KEEP, "drop_reasons": reasons, "drop_details": details})
-        if self.config.dedupe_within_batch:
-            tracker = DuplicateTracker()
-            for row in out:
-                tracker.apply(row)
         return out
+
+
+class AudioFilterStage(FilterStage):
+    """The filter's checks on what is measured before transcription, so that transcribe can
+    leave alone what they drop (``transcribe.kept_only``).
+
+    The same settings and the same :func:`judge`: a signal not yet measured (language,
+    transcript, round trip) is not checked, so this stage drops a segment only for a reason the
+    full filter after transcription gives again; that filter recomputes its own reasons, so
+    none is counted twice. No duplicates here: which copy of a duplicate is dropped would then
+    depend on what shared a batch, and with it which copy gets a transcript.
+
+    >>> rows = [{"recording_id": "r", "status": "ok", "duration_s": 5.0, "dnsmos_ovrl": 2.1, "audio_fp": "x"},
+    ...         {"recording_id": "r", "status": "ok", "duration_s": 5.0, "dnsmos_ovrl": 3.1, "audio_fp": "x"}]
+    >>> [(r["verdict"], r["drop_reasons"]) for r in AudioFilterStage(FilterConfig())(rows)]
+    [('drop', ['low_dnsmos_ovrl']), ('keep', [])]
+    """
+
+    name: ClassVar[str] = "filter_audio"
+    section: ClassVar[str | None] = "filter"
+
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        return self._judge_rows(rows)
+

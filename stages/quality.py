@@ -541,20 +541,70 @@ class QualityStage(Stage):
             scores = self._dnsmos(a16)
             out["dnsmos_ovrl"], out["dnsmos_sig"], out["dnsmos_bak"] = scores["ovrl"], scores["sig"], scores["bak"]
 
-        text = row.get("text")
-        if isinstance(text, str):
-            units = text_units(text)
-            # Whitespace words mean nothing in Mandarin or Japanese text: leave words_per_s
-            # unset there (not checked) and let chars_per_s carry the speaking rate.
-            out["words_per_s"] = None if _is_cjk_dominant(text) else len(units) / duration
-            out["chars_per_s"] = spoken_chars(text) / duration
-            out["repeat_ngram_ratio"] = repeat_ngram_ratio(text, cfg.ngram_n)
-            out["text_compression_ratio"] = text_compression_ratio(text.strip())
-            nsp = _num(row.get("no_speech_prob"))
-            out["no_speech_with_text"] = (
-                None if nsp is None else bool(nsp > cfg.no_speech_threshold and bool(units))
-            )
-        else:
-            for k in TEXT_FIELDS:  # unmeasurable without a transcript: None = not checked
-                out[k] = None
+        out.update(text_signals(row, cfg, duration))
+        return out
+
+
+def text_signals(row: Row, cfg: QualityConfig, duration: float) -> dict[str, Any]:
+    """The transcript's signals (:data:`TEXT_FIELDS`); all None without a transcript (not checked).
+
+    >>> s = text_signals({"text": "thank you thank you thank you", "no_speech_prob": 0.9}, QualityConfig(), 2.0)
+    >>> s["words_per_s"], s["no_speech_with_text"], text_signals({}, QualityConfig(), 2.0)["chars_per_s"]
+    (3.0, True, None)
+    """
+    text = row.get("text")
+    if not isinstance(text, str):
+        return dict.fromkeys(TEXT_FIELDS)
+    units = text_units(text)
+    nsp = _num(row.get("no_speech_prob"))
+    return {
+        # Whitespace words mean nothing in Mandarin or Japanese text: leave words_per_s unset
+        # there (not checked) and let chars_per_s carry the speaking rate.
+        "words_per_s": None if _is_cjk_dominant(text) else len(units) / duration,
+        "chars_per_s": spoken_chars(text) / duration,
+        "repeat_ngram_ratio": repeat_ngram_ratio(text, cfg.ngram_n),
+        "text_compression_ratio": text_compression_ratio(text.strip()),
+        "no_speech_with_text": None if nsp is None else bool(nsp > cfg.no_speech_threshold and bool(units)),
+    }
+
+
+class TranscriptQualityStage(QualityStage):
+    """The transcript's signals alone, for a run whose quality stage measured the audio before
+    transcription (``transcribe.kept_only``): the same ``quality`` settings, no model, so it
+    runs as a task.
+
+    >>> row = {"recording_id": "r", "status": "ok", "duration_s": 2.0, "text": "hello there"}
+    >>> TranscriptQualityStage(QualityConfig())([row])[0]["words_per_s"]
+    1.0
+    """
+
+    name: ClassVar[str] = "quality_text"
+    section: ClassVar[str | None] = "quality"
+    reads: ClassVar[tuple[str, ...]] = ("duration_s", "text", "no_speech_prob")
+    writes: ClassVar[tuple[str, ...]] = TEXT_FIELDS
+    uses_model: ClassVar[bool] = False
+
+    def check(self) -> None:
+        """Nothing to load."""
+
+    def setup(self) -> None:
+        """Nothing to load."""
+
+    def model_id(self) -> str:
+        return "none"
+
+    def runtime(self) -> str | None:
+        return None
+
+    def takes(self, row: Row) -> bool:
+        """Rows with a transcript: a segment the audio checks dropped has none to measure."""
+        return isinstance(row.get("text"), str)
+
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        out = []
+        for r in rows:
+            duration = _num(r.get("duration_s"))
+            if not duration or duration <= 0:
+                raise StageError(f"quality_text: invalid duration_s {r.get('duration_s')!r}")
+            out.append({**r, **text_signals(r, self.config, duration)})
         return out

@@ -304,6 +304,11 @@ class RoundtripStage(Stage):
             raise StageError("roundtrip.mode=audio but the row has no audio / sample_rate")
         return np.asarray(row[key], np.float32), int(row["sample_rate"]), f"segment:{key}"
 
+    def takes(self, row: Row) -> bool:
+        """Every segment but one the audio checks dropped before transcription
+        (``transcribe.kept_only``): it has no label to check."""
+        return not (row.get("verdict") == "drop" and "text" not in row)
+
     def process_batch(self, rows: list[Row]) -> list[Row]:
         c = self.config
         out: list[Row] = []

@@ -17,6 +17,7 @@ import soundfile as sf
 
 from pipeline.cli import main
 from pipeline.inspect_output import inspect_output
+from stages.filter import AUDIO_REASONS
 from stages.textnorm import wer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +76,15 @@ def test_output_layout_and_inspect(finished_run: Path) -> None:
     # Tokenize runs after the filter (tokenize.kept_only): tokens in every kept sample, in no dropped one.
     assert all("tokens.npy" in r["members"] and "tokenize" in json.loads(r["provenance"]) for r in rows)
     assert not any("tokens.npy" in r["members"] for r in _index_rows(finished_run / "dropped"))
+    # Transcribe runs after the audio checks (transcribe.kept_only): every kept sample has a
+    # transcript; a dropped one lacks it only when the audio checks dropped it, for their reasons.
+    assert all(isinstance(r["text"], str) and "quality_text" in json.loads(r["provenance"]) for r in rows)
+    for r in _index_rows(finished_run / "dropped"):
+        prov = json.loads(r["provenance"])
+        assert (r.get("text") is None) == ("transcribe" not in prov), r["key"]  # no column where none has one
+        if r.get("text") is None:
+            assert {"quality", "filter_audio", "filter"} <= set(prov), (r["key"], prov)
+            assert set(r["drop_reasons"]) <= AUDIO_REASONS, (r["key"], r["drop_reasons"])
 
 
 def test_commits_stream_in_write_batches(finished_run: Path) -> None:
@@ -133,7 +143,7 @@ def test_manifest_summary(finished_run: Path) -> None:
     spans = {k: (v["first_s"], v["last_s"]) for k, v in profile["stages"].items()}
     assert spans.keys() == profile["stages"].keys()
     assert all(0 <= a <= b <= wall + 0.5 for a, b in spans.values()), spans
-    order = [spans[k][0] for k in ("decode", "diarize", "transcribe", "quality", "filter")]
+    order = [spans[k][0] for k in ("decode", "diarize", "quality", "filter_audio", "transcribe", "quality_text", "filter")]
     assert order == sorted(order), spans
     assert spans["write"][1] >= spans["filter"][1], spans
     assert profile["ray_start_s"] <= profile["first_call_s"] == min(a for a, _ in spans.values())

@@ -146,7 +146,7 @@ def test_kept_only_leaves_dropped_segments_alone(models: dict[str, Path]) -> Non
     assert all(s["semantic_tokens"].shape == (13,) for s in every["segments"])
 
 
-def test_tokenize_runs_after_the_filter_unless_it_must_not() -> None:
+def test_stage_order_puts_model_work_after_the_checks_that_drop() -> None:
     from pipeline.config import load_config
     from pipeline.run import plan_stages
 
@@ -154,11 +154,18 @@ def test_tokenize_runs_after_the_filter_unless_it_must_not() -> None:
 
     def order(*sets: str) -> list[str]:
         names = [s.name for s in plan_stages(load_config(root / "configs" / "local.yaml", list(sets)), StageContext())]
-        return names[names.index("transcribe"):]
+        return names[names.index("diarize") + 1:]
 
-    assert order() == ["transcribe", "quality", "filter", "tokenize", "write"]
-    assert order("tokenize.kept_only=false") == ["transcribe", "tokenize", "quality", "filter", "write"]
+    # Default: the audio checks before transcribe (transcribe.kept_only), tokenize after the filter.
+    first = ["quality", "filter_audio", "transcribe"]
+    assert order() == [*first, "quality_text", "filter", "tokenize", "write"]
+    assert order("tokenize.kept_only=false") == [*first, "tokenize", "quality_text", "filter", "write"]
+    late = ("transcribe.kept_only=false",)
+    assert order(*late) == ["transcribe", "quality", "filter", "tokenize", "write"]
+    assert order(*late, "tokenize.kept_only=false") == ["transcribe", "tokenize", "quality", "filter", "write"]
     assert order("filter.enabled=false") == ["transcribe", "tokenize", "quality", "write"]
+    assert order("quality.enabled=false") == ["transcribe", "filter", "tokenize", "write"]
     tokens_rt = ("roundtrip.enabled=true", "roundtrip.mode=tokens", "roundtrip.detokenizer_model=/m/kimia")
-    assert order(*tokens_rt) == ["transcribe", "tokenize", "roundtrip", "quality", "filter", "write"]
-    assert order("roundtrip.enabled=true") == ["transcribe", "roundtrip", "quality", "filter", "tokenize", "write"]
+    assert order(*tokens_rt) == [*first, "tokenize", "roundtrip", "quality_text", "filter", "write"]
+    assert order(*late, *tokens_rt) == ["transcribe", "tokenize", "roundtrip", "quality", "filter", "write"]
+    assert order("roundtrip.enabled=true") == [*first, "roundtrip", "quality_text", "filter", "tokenize", "write"]

@@ -361,8 +361,7 @@ class WriteStage(Stage):
         # into OUT: clock times would make two runs' outputs differ).
         spans = {str(r.get("source")): recording_spans(r) for r in rows}
         written = {"write": (started, time.time())}
-        cpu = {str(r.get("source")): merge_cpu(r.get("cpu"), *(g.get("cpu") for g in r.get("segments") or []))
-               for r in rows}
+        cpu = {str(r.get("source")): recording_cpu(r) for r in rows}
         return [{"source": o.source, "recording_id": o.recording_id, "outcome": o,
                  "spans": merge_spans(spans.get(o.source), written), "cpu": cpu.get(o.source, {})} for o in outcomes]
 
@@ -375,6 +374,12 @@ class WriteStage(Stage):
 def recording_spans(rec: Row) -> dict[str, list[float]]:
     """A recording's stage spans (:func:`stages.base.merge_spans`), its segments' included."""
     return merge_spans(rec.get("spans"), *(seg.get("spans") for seg in rec.get("segments") or []))
+
+
+def recording_cpu(rec: Row) -> dict[str, dict[str, float]]:
+    """The model workers' CPU readings a recording carries (:func:`stages.base.merge_cpu`),
+    its segments' included: a stage that works per segment stamps the segments."""
+    return merge_cpu(rec.get("cpu"), *(seg.get("cpu") for seg in rec.get("segments") or []))
 
 
 class Summary:
