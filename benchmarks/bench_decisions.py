@@ -7,7 +7,9 @@ keeping dropped segments for scoring) as a user would, and faster-whisper's
 ``BatchedInferencePipeline`` (Silero VAD, batch 8, beam 5) on the same Whisper weights, then
 prints:
 
-* WER over all segments (kept and dropped) and over kept segments only, and the peer's WER;
+* WER over all segments (kept and dropped; a segment the audio checks dropped before
+  transcription, ``transcribe.kept_only``, has no label, and its turns leave the reference) and
+  over kept segments only, and the peer's WER;
 * DER (pyannote.metrics, collar 0.25 s) on the conversations and on pyannote's sample;
 * the exact speaker-count rate, and whether solo clips came out as one speaker;
 * segments dropped for language (every input is English);
@@ -182,12 +184,16 @@ def main() -> int:
     print(f"local profile: {wall:.1f} s wall, real-time factor {wall / audio_s:.3f}")
 
     all_ref, all_hyp, kept_ref, kept_hyp = [], [], [], []
-    ders, exact, lang_drops, n_segments, solo_one = [], [], 0, 0, []
+    ders, exact, lang_drops, n_segments, solo_one, untranscribed = [], [], 0, 0, [], 0
     print(f"{'file':16} {'voices':>6} {'found':>5} {'DER':>6} {'segments':>8} {'kept':>5} {'lang drops':>10}")
     for name in names:
         turns, segs = refs[name], rows.get(name, [])
-        all_ref.append(" ".join(t[3] for t in turns))
-        all_hyp.append(" ".join(r.get("text") or "" for r in segs))
+        # Segments the audio checks dropped before transcription (transcribe.kept_only) have no
+        # text: their turns leave the reference instead of counting as deleted words.
+        skipped = [(r["start_s"], r["end_s"]) for r in segs if r.get("text") is None]
+        untranscribed += len(skipped)
+        all_ref.append(" ".join(t[3] for t in turns if not any(a <= (t[0] + t[1]) / 2 < b for a, b in skipped)))
+        all_hyp.append(" ".join(r["text"] for r in segs if r.get("text") is not None))
         kept = [r for r in segs if r.get("verdict") != "drop"]
         for r in kept:
             kept_ref.append(kept_reference(turns, r["start_s"], r["end_s"]))
@@ -208,7 +214,9 @@ def main() -> int:
         print(f"{name:16} {voices:6d} {found:5d} {d['der']:6.3f} {len(segs):8d} {len(kept):5d} {drops:10d}")
 
     print()
-    print(f"WER, all segments (kept and dropped): {corpus_wer(all_ref, all_hyp):.3f}")
+    print(f"WER, all segments (kept and dropped): {corpus_wer(all_ref, all_hyp):.3f}"
+          + (f" (over the turns transcribed: {untranscribed} segments were dropped for their audio first)"
+             if untranscribed else ""))
     print(f"WER, kept segments:                   {corpus_wer(kept_ref, kept_hyp):.3f} ({len(kept_hyp)} segments)")
     if not args.no_peer:
         peer, peer_wall = run_peer(folder, names)
