@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_diarization import SENTENCES, VOICES, pyannote_sample, tts  # noqa: E402
-from corpus import WORK  # noqa: E402
+from corpus import WORK, turns_outside  # noqa: E402
 
 from stages.diarize.evaluate import score as der_score  # noqa: E402
 from stages.textnorm import corpus_wer  # noqa: E402
@@ -192,7 +192,7 @@ def main() -> int:
         # text: their turns leave the reference instead of counting as deleted words.
         skipped = [(r["start_s"], r["end_s"]) for r in segs if r.get("text") is None]
         untranscribed += len(skipped)
-        all_ref.append(" ".join(t[3] for t in turns if not any(a <= (t[0] + t[1]) / 2 < b for a, b in skipped)))
+        all_ref.append(" ".join(t[3] for t in turns_outside(turns, skipped)))
         all_hyp.append(" ".join(r["text"] for r in segs if r.get("text") is not None))
         kept = [r for r in segs if r.get("verdict") != "drop"]
         for r in kept:

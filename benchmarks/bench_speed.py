@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from corpus import WORK, make_corpus  # noqa: E402
+from corpus import WORK, make_corpus, turns_outside  # noqa: E402
 
 from pipeline.run import overhead_parts  # noqa: E402
 from stages.textnorm import corpus_wer  # noqa: E402
@@ -138,10 +138,8 @@ def transcribed_refs(meta: list[dict], skipped: dict[str, list[tuple[float, floa
     >>> transcribed_refs(meta, {"a.wav": [(2.4, 4.1)]}), transcribed_refs(meta, {})
     ({'a.wav': 'one'}, {'a.wav': 'one two'})
     """
-    def kept(name: str, start: float, end: float) -> bool:
-        return not any(a <= (start + end) / 2 < b for a, b in skipped.get(name, []))
-
-    return {rec["file"]: " ".join(t[3] for t in rec["turns"] if kept(rec["file"], t[0], t[1])) for rec in meta}
+    return {rec["file"]: " ".join(t[3] for t in turns_outside(rec["turns"], skipped.get(rec["file"], [])))
+            for rec in meta}
 
 
 class Run(NamedTuple):

@@ -44,6 +44,17 @@ SENTENCES = [
 ]
 
 
+def turns_outside(turns: list, spans: list[tuple[float, float]]) -> list:
+    """The turns ``(start, end, ...)`` whose midpoint lies in none of ``spans`` (``(start, end)``
+    seconds): the reference left for a run that did not transcribe those spans (segments its
+    audio checks dropped first, ``transcribe.kept_only``).
+
+    >>> turns_outside([(0.0, 2.0, "v", "one"), (2.5, 4.0, "v", "two")], [(2.4, 4.1)])
+    [(0.0, 2.0, 'v', 'one')]
+    """
+    return [t for t in turns if not any(a <= (t[0] + t[1]) / 2 < b for a, b in spans)]
+
+
 def _say(text: str, voice: str, path: Path, speed: int) -> np.ndarray:
     subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True, capture_output=True)
     audio, _ = sf.read(path, dtype="float32")
