@@ -134,11 +134,12 @@ def preflight(cfg: RunConfig, stages: list[Stage]) -> None:
     """Cross-stage checks and every stage's own ``check()``, before any work."""
     enhanced = any(s.name == "enhance" for s in stages)
     for s in stages:
-        # quality.audio_field is not checked: it measures the original where no enhanced
-        # stream exists (what is written), which is also what enhance.when=noisy relies on.
+        # Only a stage that reads a waveform can miss the enhanced one. Quality is not checked
+        # either: it measures the original where no enhanced stream exists (what is written),
+        # which is also what enhance.when=noisy relies on.
+        if "audio" not in s.reads or isinstance(s, QualityStage):
+            continue
         stream = getattr(s.config, "input_stream", None) or getattr(s.config, "audio_field", "audio")
-        if isinstance(s, QualityStage):
-            stream = "audio"
         if stream in ("enhanced", "audio_enhanced") and not enhanced:
             raise PreflightError(f"{s.name} reads the enhanced stream but the enhance stage is disabled (enhance.enabled)")
     for s in stages:

@@ -568,7 +568,7 @@ def text_signals(row: Row, cfg: QualityConfig, duration: float) -> dict[str, Any
     }
 
 
-class TranscriptQualityStage(QualityStage):
+class TranscriptQualityStage(Stage):
     """The transcript's signals alone, for a run whose quality stage measured the audio before
     transcription (``transcribe.kept_only``): the same ``quality`` settings, no model, so it
     runs as a task.
@@ -584,17 +584,7 @@ class TranscriptQualityStage(QualityStage):
     writes: ClassVar[tuple[str, ...]] = TEXT_FIELDS
     uses_model: ClassVar[bool] = False
 
-    def check(self) -> None:
-        """Nothing to load."""
-
-    def setup(self) -> None:
-        """Nothing to load."""
-
-    def model_id(self) -> str:
-        return "none"
-
-    def runtime(self) -> str | None:
-        return None
+    config: QualityConfig
 
     def takes(self, row: Row) -> bool:
         """Rows with a transcript: a segment the audio checks dropped has none to measure."""

@@ -169,3 +169,19 @@ def test_stage_order_puts_model_work_after_the_checks_that_drop() -> None:
     assert order(*tokens_rt) == [*first, "tokenize", "roundtrip", "quality_text", "filter", "write"]
     assert order(*late, *tokens_rt) == ["transcribe", "tokenize", "roundtrip", "quality", "filter", "write"]
     assert order("roundtrip.enabled=true") == [*first, "roundtrip", "quality_text", "filter", "tokenize", "write"]
+
+
+def test_preflight_asks_for_the_enhanced_stream_only_where_a_waveform_is_read() -> None:
+    """With enhance off, a stage told to read the enhanced waveform is refused before any work;
+    quality_text shares quality's settings (audio_field follows filter.stream, "enhanced" by
+    default) but reads only the transcript, so it is never refused for them."""
+    from pipeline.config import RunConfig
+    from pipeline.run import PreflightError, preflight
+    from stages.quality import TranscriptQualityStage
+    from stages.transcribe import TranscribeStage
+
+    cfg = RunConfig.model_validate({"enhance": {"enabled": False}, "transcribe": {"input_stream": "enhanced"}})
+    assert cfg.quality.audio_field == "audio_enhanced"
+    preflight(cfg, [TranscriptQualityStage(cfg.quality)])
+    with pytest.raises(PreflightError, match="transcribe reads the enhanced stream"):
+        preflight(cfg, [TranscribeStage(cfg.transcribe), TranscriptQualityStage(cfg.quality)])
