@@ -150,6 +150,39 @@ def _log_pool(
     return {lang: math.exp(v - top) / z for lang, v in score.items()}, rate
 
 
+def mean_distribution(items: Sequence[tuple[float, Mapping[str, float]]]) -> dict[str, float]:
+    """One clip's language evidence from several windows of it: their geometric mean, weighted by
+    each window's seconds and renormalised over the languages any window reported and ``REST``
+    (a language a window did not report counts as ``FLOOR`` there, as in pooling). Like a model's
+    own top languages, the result leaves ``REST`` out, sorted by probability: the rest's mass is
+    what the listed ones leave.
+
+    Pooling this distribution with the clip's heard seconds as its weight is the same as pooling
+    the windows one by one (a log-linear pool only sees the duration-weighted mean
+    log-probability), so a long clip heard in pieces counts every piece once, and its top language
+    and probability stay those of a typical window: the scale ``override_prob`` was measured on.
+
+    >>> mean_distribution([(8.0, {"la": 0.54, "en": 0.33})]) == {"la": 0.54, "en": 0.33}  # one window: as is
+    True
+    >>> d = mean_distribution([(8.0, {"la": 0.54, "en": 0.33}), (8.0, {"en": 0.74, "la": 0.05}), (7.0, {"en": 0.97})])
+    >>> next(iter(d)), round(d["en"], 2), round(1 - sum(d.values()), 2)  # top first; the rest's mass
+    ('en', 0.82, 0.13)
+    """
+    if len(items) == 1:
+        return dict(items[0][1])
+    fulls = [(max(float(w), 1e-3), _with_rest(probs)) for w, probs in items]
+    langs = sorted({lang for _, probs in fulls for lang in probs})
+    total = sum(w for w, _ in fulls)
+    logs = {
+        lang: sum(w * math.log(max(float(probs.get(lang, 0.0)), FLOOR)) for w, probs in fulls) / total
+        for lang in langs
+    }
+    top = max(logs.values())
+    z = sum(math.exp(v - top) for v in logs.values())
+    probs = ((lang, math.exp(v - top) / z) for lang, v in logs.items() if lang != REST)
+    return dict(sorted(probs, key=lambda kv: (-kv[1], kv[0])))
+
+
 def _top(probs: Mapping[str, float]) -> tuple[str | None, float | None]:
     probs = {k: v for k, v in probs.items() if k != REST}
     if not probs:

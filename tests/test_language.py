@@ -127,3 +127,28 @@ def test_a_spanish_clip_stays_spanish_beside_english(stage: TranscribeStage, aud
     out = stage(rows)
     assert out[0]["language"] == "es" and out[0]["language_prob"] > 0.8  # Whisper alone: es 0.98
     assert sum(r["language"] == "en" for r in out[1:]) >= 1 and all(r["language"] != "es" for r in out[1:])
+
+
+def test_a_long_segment_is_heard_whole_not_by_its_first_window(stage: TranscribeStage, tmp_path: Path) -> None:
+    """Four English sentences in three voices, 23 s, one segment (as VAD segmentation gives them).
+
+    Whisper base heard only its first 8 s as Latin (p 0.67 on the machine this was written on)
+    and pooling then counted that window for the whole 23 s: the segment was decoded in Latin.
+    Heard in windows that cover it, it is English.
+    """
+    turns = [
+        ("en-us", "Tokens are produced at twelve and a half per second for every second of audio."),
+        ("en+f4", "If the signal is too noisy, the segment is dropped and the reason is written down."),
+        ("en-gb+f2", "Our team collected more than three thousand hours of speech from public radio programs."),
+        ("en-us", "A good data pipeline keeps the original recording next to every processed version."),
+    ]  # fmt: skip
+    parts = []
+    for i, (voice, text) in enumerate(turns):
+        a, sr = sf.read(espeak(text, tmp_path / f"s{i}.wav", voice, speed=150), dtype="float32")
+        parts += [resample(a, sr, 16000), np.zeros(8800, np.float32)]
+    audio = np.concatenate(parts[:-1])
+    assert len(audio) > 20 * 16000
+    out = stage(_rows("long", [(None, audio)]))[0]
+    assert out["status"] == "ok"
+    assert out["language"] == "en" and out["language_prob"] >= 0.8
+    assert out["language_segment"] == "en"
