@@ -115,6 +115,14 @@ class TranscribeConfig(StageConfig):
         description="A segment keeps its own top language (a code switch) only with at least this "
         "probability on the segment alone.",
     )
+    language_recheck_prob: float = Field(
+        0.95, ge=0.0, le=1.0,
+        description="Language ID first hears each segment's first detect_window_s; a segment whose pooled "
+        "decision has at most this probability is heard whole (its first 30 s, in detect_window_s windows) and "
+        "decided again. 1.0 = always hear every segment whole (about 2.6x the language-ID cost on 20 s VAD "
+        "segments); 0 = the first window only. On espeak-ng English VAD segments 15 of 222 longer than 8 s "
+        "were below 0.95, among them one Latin on its first 8 s (0.66) and English heard whole.",
+    )
     language_override_min_s: float = Field(
         2.0, ge=0.0, le=30.0, description="...and only when the segment is at least this long."
     )
@@ -167,10 +175,10 @@ class TranscribeConfig(StageConfig):
         8.0,
         ge=2.0,
         le=30.0,
-        description="Packed mode, multilingual model, no forced language: language ID hears each segment "
-        "(its first 30 s) in windows of this length, as few as cover it, their distributions averaged "
-        "(a shorter segment is one window, features zero-padded); each window costs ~0.15 of a 30 s "
-        "encoder pass at 8 s. Measured with whisper-base: at 8-10 s, 43/43 espeak-ng turns English and "
+        description="Multilingual model, no forced language: language ID hears each segment's first "
+        "detect_window_s (a shorter segment zero-padded), and a segment still unsure after pooling "
+        "(language_recheck_prob) the rest of its first 30 s in windows of this length; a window costs "
+        "~0.15 of a 30 s encoder pass at 8 s. Measured with whisper-base: at 8-10 s, 43/43 espeak-ng turns English and "
         "23/27 pytest-audioeval clips (9 languages) right, the same as full 30 s windows; at 6 s two "
         "turns became Latin, at 3-4 s up to 12 became Finnish etc. (the encoder needs context). "
         "Setting `language` skips detection.",
@@ -605,8 +613,9 @@ class FasterWhisperBackend:
         return out  # type: ignore[return-value]
 
     def language_probs(self, audios: list[np.ndarray], sample_rate: int = ASR_SAMPLE_RATE) -> list[dict[str, float]]:
-        """Whisper's language head on each clip's first 30 s, heard in ``detect_window_s`` windows
-        and averaged (:meth:`_language_distributions`); its top languages, most probable first.
+        """Whisper's language head on each clip's first ``detect_window_s`` (top 5 languages).
+
+        The pooled decision hands it windows of that length (:func:`detection_windows`).
 
         Raises:
             ValueError: an English-only model, which has no language head.
@@ -616,30 +625,13 @@ class FasterWhisperBackend:
         return self._language_distributions(_to_16k(audios, sample_rate, truncate=False))
 
     def _language_distributions(self, clips: list[np.ndarray]) -> list[dict[str, float]]:
-        """Each clip's language evidence over its first 30 s (what Whisper decodes of it), heard in
-        ``detect_window_s`` windows (:func:`detection_windows`) whose distributions are averaged
-        (:func:`stages.language.mean_distribution`).
-
-        Hearing only the first window of a long clip let one unsure window decide it, and pooling
-        then counted that window once per 5 s of the whole clip: on the speed benchmark (seed 19) a
-        23 s segment of four English sentences was "la" 0.57 on its first 8 s, pooled to 0.96 and
-        decoded in Latin into a repetition loop; its three windows average to English.
-        """
         if not clips:
             return []
         samples = int(self.config.detect_window_s * ASR_SAMPLE_RATE)
         frames = samples // self.features.hop_length
-        spans = [detection_windows(min(len(c), WINDOW_SAMPLES), samples) for c in clips]
-        mels = [self._mel(c[a:b], frames) for c, windows in zip(clips, spans) for a, b in windows]
-        dists: list[dict[str, float]] = []
-        for k in range(0, len(mels), len(clips)):  # at most a clip batch's worth per encoder call
-            encoded = self.model.encode(self._storage(mels[k : k + len(clips)]), to_cpu=False)
-            dists += [{tok[2:-2]: float(p) for tok, p in d[:5]} for d in self.model.detect_language(encoded)]
-        out, k = [], 0
-        for windows in spans:  # "<|en|>" -> "en" above; here each clip's windows, in order
-            out.append(mean_distribution([(b - a, d) for (a, b), d in zip(windows, dists[k : k + len(windows)])]))
-            k += len(windows)
-        return out
+        mels = [self._mel(clip[:samples], frames) for clip in clips]
+        detected = self.model.detect_language(self.model.encode(self._storage(mels), to_cpu=False))
+        return [{tok[2:-2]: float(p) for tok, p in d[:5]} for d in detected]  # "<|en|>" -> "en"
 
     def _transcribe_unpacked(
         self, clips: list[np.ndarray], forced: list[str] | None = None, *, repair: bool = True
@@ -790,7 +782,7 @@ class FasterWhisperBackend:
         return float(res.scores[0] * (seq_len**1.0) / (seq_len + 1))
 
     def _detect_languages(self, clips: list[np.ndarray]) -> tuple[list[str | None], list[float | None]]:
-        """Per-segment language from encoder passes over ``detect_window_s`` windows of each segment.
+        """Per-segment language from an encoder pass over each segment's first ``detect_window_s``.
 
         Detecting on the packed window would give one language to all its segments, and
         detecting on each segment's own 30 s window costs the encoder pass packing saves. The
@@ -1348,34 +1340,66 @@ class TranscribeStage(Stage):
         return getattr(self.asr, "runtime", None)  # a backend handed in by a test may not say
 
     def _decide_languages(self, rows: list[Row], key: str) -> list[Decision] | None:
+        """Each segment's language, pooled (:func:`stages.language.pool_languages`) from what the
+        language-ID head heard of it, in two passes.
+
+        The head hears ``detect_window_s`` windows (:func:`detection_windows` covering a
+        segment's first 30 s, what Whisper decodes of it). First every segment's first window,
+        then, for a segment whose pooled decision is still at most ``language_recheck_prob``, the
+        rest of its windows, averaged with the first (:func:`stages.language.mean_distribution`).
+        A segment weighs the seconds heard of it. Sure decisions (about 9 in 10 long VAD
+        segments of espeak-ng English) cost one window; an unsure one is not left to its first
+        8 s: on the speed benchmark's seed 19 a 23 s segment of four English sentences was
+        "la" 0.54-0.57 there, and its three windows average to English.
+        """
         if self.lid is None:
             return None
-        probs: list[dict[str, float]] = [{} for _ in rows]
-        by_rate: dict[int, list[int]] = {}
-        for i, r in enumerate(rows):
-            if len(r.get(key, r["audio"])) > 0:
-                by_rate.setdefault(int(r["sample_rate"]), []).append(i)
-        for sr, idx in by_rate.items():
-            for i, p in zip(idx, self.lid.language_probs([rows[i].get(key, rows[i]["audio"]) for i in idx], sr)):
-                probs[i] = p
-        # A segment weighs the seconds language ID heard of it: its first 30 s, as Whisper decodes.
-        evidence = [
-            Evidence(
-                recording=str(r.get("recording_id") or r.get("source") or ""),
-                speaker=r.get("speaker"),
-                duration_s=min(
-                    WINDOW_S, float(r.get("duration_s") or len(r.get(key, r["audio"])) / int(r["sample_rate"]))
-                ),
-                probs=p,
-            )
-            for r, p in zip(rows, probs)
-        ]
         params = PoolingParams(
             prior_s=self.config.language_prior_s,
             override_prob=self.config.language_override_prob,
             override_min_s=self.config.language_override_min_s,
         )
-        return pool_languages(evidence, params)
+        audio = [r.get(key, r["audio"]) for r in rows]
+        rates = [int(r["sample_rate"]) for r in rows]
+        windows = [
+            detection_windows(min(len(a), int(WINDOW_S * sr)), int(self.config.detect_window_s * sr)) if len(a) else []
+            for a, sr in zip(audio, rates)
+        ]
+        heard: list[list[tuple[float, dict[str, float]]]] = [[] for _ in rows]
+
+        def listen(todo: list[tuple[int, int]]) -> None:  # (row, window) pairs, each row's in order
+            by_rate: dict[int, list[tuple[int, int]]] = {}
+            for i, k in todo:
+                by_rate.setdefault(rates[i], []).append((i, k))
+            for sr, pairs in by_rate.items():
+                clips = [audio[i][slice(*windows[i][k])] for i, k in pairs]
+                for (i, k), p in zip(pairs, self.lid.language_probs(clips, sr)):
+                    heard[i].append(((windows[i][k][1] - windows[i][k][0]) / sr, p))
+
+        def decide() -> list[Decision]:
+            evidence = [
+                Evidence(
+                    recording=str(r.get("recording_id") or r.get("source") or ""),
+                    speaker=r.get("speaker"),
+                    duration_s=windows[i][len(heard[i]) - 1][1] / rates[i] if heard[i] else 0.0,
+                    probs=mean_distribution(heard[i]) if heard[i] else {},
+                )
+                for i, r in enumerate(rows)
+            ]
+            return pool_languages(evidence, params)
+
+        listen([(i, 0) for i in range(len(rows)) if windows[i]])
+        decisions = decide()
+        again = [
+            (i, k)
+            for i, d in enumerate(decisions)
+            if d.probability <= self.config.language_recheck_prob
+            for k in range(1, len(windows[i]))
+        ]
+        if again:
+            listen(again)
+            decisions = decide()
+        return decisions
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
         key = "audio_enhanced" if self.config.input_stream == "enhanced" else "audio"

@@ -152,3 +152,32 @@ def test_a_long_segment_is_heard_whole_not_by_its_first_window(stage: Transcribe
     assert out["status"] == "ok"
     assert out["language"] == "en" and out["language_prob"] >= 0.8
     assert out["language_segment"] == "en"
+
+
+class _MarkedLid:
+    """A language-ID head for the two-pass rule: a window whose samples are positive is English,
+    surely; one with negative samples sounds Latin, unsurely. Records the windows it hears."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple[float, int]] = []  # (mean sample, length)
+
+    def language_probs(self, audios: list[np.ndarray], sample_rate: int = 16000) -> list[dict[str, float]]:
+        self.heard += [(float(a.mean()), len(a)) for a in audios]
+        return [{"en": 0.99} if a.mean() > 0 else {"la": 0.55, "en": 0.35} for a in audios]
+
+
+def test_an_unsure_long_segment_is_heard_whole_and_a_sure_one_once() -> None:
+    stage = TranscribeStage(TranscribeConfig(model="pkg:whisper-base"), StageContext())
+    stage.lid = lid = _MarkedLid()
+    sr = 16000
+    unsure = np.concatenate([np.full(8 * sr, -0.1), np.full(15 * sr, 0.1)]).astype(np.float32)  # "la", then "en"
+    sure = np.full(23 * sr, 0.1, np.float32)
+    rows = _rows("unsure", [(None, unsure)]) + _rows("sure", [(None, sure)])
+    decided = stage._decide_languages(rows, "audio")
+    assert [d.language for d in decided] == ["en", "en"]
+    # The sure one: its first 8 s only. The unsure one: three 8 s windows spread over its 23 s.
+    assert sorted(n for _, n in lid.heard) == [8 * sr] * 4
+    assert sum(mean > 0 for mean, _ in lid.heard) == 3 and sum(mean < 0 for mean, _ in lid.heard) == 1
+    # Without the second pass the unsure segment keeps its first window's language.
+    stage.config = stage.config.model_copy(update={"language_recheck_prob": 0.0})
+    assert stage._decide_languages(rows, "audio")[0].language == "la"
