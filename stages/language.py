@@ -170,17 +170,12 @@ def mean_distribution(items: Sequence[tuple[float, Mapping[str, float]]]) -> dic
     """
     if len(items) == 1:
         return dict(items[0][1])
-    fulls = [(max(float(w), 1e-3), _with_rest(probs)) for w, probs in items]
-    langs = sorted({lang for _, probs in fulls for lang in probs})
-    total = sum(w for w, _ in fulls)
-    logs = {
-        lang: sum(w * math.log(max(float(probs.get(lang, 0.0)), FLOOR)) for w, probs in fulls) / total
-        for lang in langs
-    }
-    top = max(logs.values())
-    z = sum(math.exp(v - top) for v in logs.values())
-    probs = ((lang, math.exp(v - top) / z) for lang, v in logs.items() if lang != REST)
-    return dict(sorted(probs, key=lambda kv: (-kv[1], kv[0])))
+    weighted = [(max(float(w), 1e-3), probs) for w, probs in items]
+    langs = sorted({lang for _, probs in weighted for lang in _with_rest(probs)})
+    # The windows pooled as one observation (evidence_s = their total seconds): the softmax of
+    # their duration-weighted mean log-probabilities.
+    pooled, _ = _log_pool(weighted, {}, 0.0, sum(w for w, _ in weighted), langs)
+    return dict(sorted(((lang, p) for lang, p in pooled.items() if lang != REST), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _top(probs: Mapping[str, float]) -> tuple[str | None, float | None]:
