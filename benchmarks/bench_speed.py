@@ -109,6 +109,13 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return dt, sum(cpu.values())
 
 
+def run_peer(folder: Path, texts_path: Path, threads: int) -> tuple[float, float, dict[str, str]]:
+    """Wall and CPU seconds of ``benchmarks/peer.py`` on ``folder``, and its transcript per file name."""
+    wall, cpu = timed([sys.executable, str(ROOT / "benchmarks" / "peer.py"), str(folder), "--json", str(texts_path),
+                       "--threads", str(threads)])
+    return wall, cpu, json.loads(texts_path.read_text())
+
+
 def run_texts(out: Path) -> tuple[dict[str, str], dict[str, list[tuple[float, float]]]]:
     """Per input file name, its segments' labels joined in order (kept and dropped alike), and
     the spans of the segments that were never transcribed (dropped by the audio checks first,
@@ -230,10 +237,8 @@ def main() -> None:
     runs: dict[str, list[Run]] = defaultdict(list)
     for _ in range(args.repeat):
         if "peer" in only:
-            texts_path = work / "peer.json"
-            wall, cpu = timed([sys.executable, str(ROOT / "benchmarks" / "peer.py"), str(folder), "--json",
-                               str(texts_path), "--threads", str(args.threads)])
-            runs["peer"].append(Run(wall, cpu, score(refs, json.loads(texts_path.read_text())) if refs else None, []))
+            wall, cpu, texts = run_peer(folder, work / "peer.json", args.threads)
+            runs["peer"].append(Run(wall, cpu, score(refs, texts) if refs else None, []))
         for key, sets in (("label", LABEL_ONLY), ("full", [])):
             if key not in only:
                 continue

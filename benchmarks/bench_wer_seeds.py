@@ -20,15 +20,16 @@ as in ``bench_speed.py``, and prints per seed both WERs and wall times, then:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
 
+import soundfile as sf
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_speed import LABEL_ONLY, ROOT, kimia, run_texts, score, timed  # noqa: E402
+from bench_speed import LABEL_ONLY, ROOT, kimia, run_peer, run_texts, score  # noqa: E402
 from corpus import WORK, make_corpus  # noqa: E402
 
 
@@ -76,13 +77,8 @@ def main() -> None:
     for seed in args.seeds:
         folder, meta = make_corpus(minutes=args.minutes, seed=seed, name=f"speed-{args.minutes:g}min-{seed}")
         refs = {rec["file"]: " ".join(t[3] for t in rec["turns"]) for rec in meta}
-        import soundfile as sf
-
         audio_s = sum(sf.info(folder / name).duration for name in refs)
-        texts_path = work / "peer.json"
-        peer_wall, _ = timed([sys.executable, str(ROOT / "benchmarks" / "peer.py"), str(folder), "--json",
-                              str(texts_path), "--threads", str(args.threads)])
-        peer_texts = json.loads(texts_path.read_text())
+        peer_wall, _, peer_texts = run_peer(folder, work / "peer.json", args.threads)
         (label_wall, _), _ = kimia(folder, work / "out-label", args.config, LABEL_ONLY + args.sets)
         label_texts, _ = run_texts(work / "out-label")
         row = (seed, audio_s, score(refs, peer_texts), score(refs, label_texts), peer_wall, label_wall)
