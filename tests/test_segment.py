@@ -100,3 +100,72 @@ def test_sequence_vad_gives_the_streaming_models_regions(pyannote_sample: Path) 
     assert len(ours) >= 2 and len(ours) == len(theirs)
     # Within one 32 ms Silero window: two runtimes may round a boundary frame differently.
     assert all(abs(a - c) <= 0.032 and abs(b - d) <= 0.032 for (a, b), (c, d) in zip(ours, theirs, strict=True))
+
+
+def _wandering_probabilities(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Frame probabilities that drift in and out of speech and linger between the two
+    thresholds, so every branch of the hysteresis is taken."""
+    steps = rng.normal(0.0, 0.12, n) + rng.choice([0.0, 0.5, -0.5], n, p=[0.94, 0.03, 0.03])
+    return np.clip(0.5 + np.cumsum(steps) * 0.3, 0.0, 1.0)
+
+
+def test_region_rule_matches_silero_on_wandering_probabilities() -> None:
+    """Our region rule is Silero's: same regions, to the sample, as the package's own."""
+    from silero_vad import get_speech_timestamps_from_probs
+
+    from stages.vad import regions_from_probabilities
+
+    rng = np.random.default_rng(7)
+    compared = 0
+    for trial in range(300):
+        probs = _wandering_probabilities(rng, int(rng.integers(1, 900)))
+        n_samples = probs.size * 512 - int(rng.integers(0, 512))
+        threshold = float(rng.choice([0.3, 0.5, 0.7]))
+        speech_ms, silence_ms, pad_ms = (int(rng.integers(0, 600)) for _ in range(3))
+        theirs = get_speech_timestamps_from_probs(
+            probs.tolist(), sampling_rate=16000, threshold=threshold, min_speech_duration_ms=speech_ms,
+            min_silence_duration_ms=silence_ms, speech_pad_ms=pad_ms, audio_length_samples=n_samples,
+        )
+        ours = regions_from_probabilities(probs, n_samples, threshold=threshold, min_speech=16 * speech_ms,
+                                          min_silence=16 * silence_ms, pad=16 * pad_ms)
+        assert ours == [(s["start"], s["end"]) for s in theirs], f"trial {trial}"
+        compared += len(ours)
+    assert compared > 300  # the trials were not all silence
+
+
+def test_vad_probabilities_and_regions_are_the_packages(pyannote_sample: Path) -> None:
+    """The sequence model run here gives the package's frame probabilities and regions."""
+    from silero_vad import get_speech_timestamps_sequence, load_silero_vad
+
+    from stages.vad import SileroVAD
+
+    audio, sr = sf.read(pyannote_sample, dtype="float32")
+    assert sr == 16000
+    ours = SileroVAD()
+    package = load_silero_vad(sequence=True)
+    np.testing.assert_allclose(ours.probabilities(audio), package.audio_forward(audio), atol=1e-5)
+    for speech_ms, silence_ms, pad_ms in ((250, 300, 100), (250, 100, 30), (500, 1000, 0)):
+        regions = ours.speech_regions(audio, sr, threshold=0.5, min_speech_s=speech_ms / 1000,
+                                      min_silence_s=silence_ms / 1000, speech_pad_s=pad_ms / 1000)
+        stamps = get_speech_timestamps_sequence(audio, package, threshold=0.5, min_speech_duration_ms=speech_ms,
+                                                min_silence_duration_ms=silence_ms, speech_pad_ms=pad_ms)
+        assert regions
+        assert regions == [(s["start"] / 16000, s["end"] / 16000) for s in stamps]
+
+
+def test_vad_worker_does_not_import_torch(pyannote_sample: Path) -> None:
+    """A segmenting worker loads ONNX Runtime only: torch would cost it a second and 0.6 GB."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, soundfile as sf\n"
+        "from stages.segment import SegmentConfig, SegmentStage\n"
+        "stage = SegmentStage(SegmentConfig()); stage.setup()\n"
+        f"audio, sr = sf.read({str(pyannote_sample)!r}, dtype='float32')\n"
+        "assert stage.spans(audio, sr)\n"
+        "print(sorted(m for m in ('torch', 'torchaudio') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]"

@@ -213,7 +213,7 @@ class OfflineBackend:
         if vad is None:
             from stages.vad import SileroVAD
 
-            vad = SileroVAD()
+            vad = SileroVAD("diarize.vad")
         self.embedder = embedder
         self.params = params
         self.vad = vad
