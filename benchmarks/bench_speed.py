@@ -21,6 +21,7 @@ framework overhead (``pipeline.run.stage_profile``).
     .venv/bin/python benchmarks/bench_speed.py --quick      # ~2 min
     .venv/bin/python benchmarks/bench_speed.py --input DIR --refs refs.json   # your corpus
     .venv/bin/python benchmarks/bench_speed.py --only label --set transcribe.beam_size=1
+    .venv/bin/python benchmarks/bench_speed.py --seed 13-16   # four corpora as one ~33 min run
 
 Timings are of one run each on whatever else the machine is doing. On a shared machine,
 ``--repeat N`` runs every selected run N times, interleaved round by round (peer, label-only,
@@ -49,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from corpus import WORK, make_corpus, turns_outside  # noqa: E402
+from corpus import WORK, joined_corpus, parse_seeds, turns_outside  # noqa: E402
 
 from pipeline.run import overhead_parts  # noqa: E402
 from stages.textnorm import corpus_wer  # noqa: E402
@@ -202,7 +203,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="about 2 minutes of audio instead of 8")
     ap.add_argument("--minutes", type=float, default=None, help="generated corpus size (default 8, --quick 2)")
-    ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument("--seed", type=parse_seeds, default=[13],
+                    help="corpus seed; several (13-16 or 13,15) join their corpora into one longer run")
     ap.add_argument("--input", type=Path, default=None, help="a folder of .wav/.flac instead of the generated corpus")
     ap.add_argument("--refs", type=Path, default=None, help='with --input: JSON {"file name": "transcript"}')
     ap.add_argument("--only", choices=["peer", "label", "full"], action="append", default=None,
@@ -223,7 +225,7 @@ def main() -> None:
         refs = json.loads(args.refs.read_text()) if args.refs else {}
     else:
         minutes = args.minutes or (2.0 if args.quick else 8.0)
-        folder, meta = make_corpus(minutes=minutes, seed=args.seed, name=f"speed-{minutes:g}min-{args.seed}")
+        folder, meta = joined_corpus(minutes, args.seed)
         refs = {rec["file"]: " ".join(t[3] for t in rec["turns"]) for rec in meta}
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".wav", ".flac"))
     audio_s = sum(sf.info(p).duration for p in files)

@@ -30,20 +30,7 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_speed import LABEL_ONLY, ROOT, kimia, run_peer, run_texts, score  # noqa: E402
-from corpus import WORK, make_corpus  # noqa: E402
-
-
-def parse_seeds(spec: str) -> list[int]:
-    """Seeds from ``13-22`` or ``13,15,17`` (or both: ``13-15,20``).
-
-    >>> parse_seeds("13-15,20")
-    [13, 14, 15, 20]
-    """
-    seeds: list[int] = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        seeds += range(int(lo), int(hi or lo) + 1)
-    return seeds
+from corpus import WORK, joined_corpus, parse_seeds  # noqa: E402
 
 
 def paired(diffs: list[float]) -> tuple[float, float | None]:
@@ -75,7 +62,7 @@ def main() -> None:
     print(f"{'seed':>4s} {'audio s':>8s} {'peer WER':>9s} {'label WER':>10s} {'diff':>8s} "
           f"{'peer s':>7s} {'label s':>8s} {'x peer':>7s}")
     for seed in args.seeds:
-        folder, meta = make_corpus(minutes=args.minutes, seed=seed, name=f"speed-{args.minutes:g}min-{seed}")
+        folder, meta = joined_corpus(args.minutes, [seed])
         refs = {rec["file"]: " ".join(t[3] for t in rec["turns"]) for rec in meta}
         audio_s = sum(sf.info(folder / name).duration for name in refs)
         peer_wall, _, peer_texts = run_peer(folder, work / "peer.json", args.threads)

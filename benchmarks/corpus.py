@@ -7,6 +7,7 @@ runs measure the pipeline and not the synthesizer.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -99,5 +100,50 @@ def make_corpus(minutes: float = 10.0, seed: int = 0, name: str | None = None) -
             meta.append({"file": name_i, "turns": turns})
             total += len(audio) / sr
             i += 1
+    meta_path.write_text(json.dumps(meta))
+    return folder, meta
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """Seeds from ``13-22`` or ``13,15,17`` (or both: ``13-15,20``).
+
+    >>> parse_seeds("13-15,20"), parse_seeds("13")
+    ([13, 14, 15, 20], [13])
+    """
+    seeds: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        seeds += range(int(lo), int(hi or lo) + 1)
+    return seeds
+
+
+def joined_corpus(minutes: float, seeds: list[int]) -> tuple[Path, list[dict]]:
+    """One corpus made of several seeds' corpora of ``minutes`` each: a longer run to measure.
+
+    The files are hard links (copies across file systems) named ``s<seed>_<file>``, not
+    symlinks: kimia-curate records a symlink's target as the source, whose name repeats
+    between seeds. A single seed is its own corpus.
+
+    Returns the folder and the turns of every file, as :func:`make_corpus`.
+    """
+    if len(seeds) == 1:
+        return make_corpus(minutes=minutes, seed=seeds[0], name=f"speed-{minutes:g}min-{seeds[0]}")
+    folder = WORK / f"speed-{minutes:g}min-{'_'.join(map(str, seeds))}"
+    meta_path = folder / "corpus.json"
+    if meta_path.is_file():
+        return folder, json.loads(meta_path.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    meta: list[dict] = []
+    for seed in seeds:
+        part, part_meta = joined_corpus(minutes, [seed])
+        for rec in part_meta:
+            name = f"s{seed}_{rec['file']}"
+            target = folder / name
+            if not target.exists():
+                try:
+                    os.link(part / rec["file"], target)
+                except OSError:
+                    shutil.copyfile(part / rec["file"], target)
+            meta.append({**rec, "file": name})
     meta_path.write_text(json.dumps(meta))
     return folder, meta
