@@ -281,7 +281,7 @@ def _run_locked(
     first_commit_s: float | None = None
     ray_start_s: float | None = None
     spans: dict[str, list[float]] = {}  # per stage: first call's start, last call's end (epoch s)
-    cpu: dict[str, dict[str, float]] = {}  # per model stage and worker process: CPU seconds
+    cpu: dict[str, dict[str, float]] = {}  # per stage and worker process: CPU seconds
     if todo:
         t_ray = time.perf_counter()
         init_ray(cfg, address, verbose=verbose)
@@ -362,10 +362,11 @@ def stage_profile(
     busiest stage's last call (the stages behind it finishing the last batch, the commit).
     Spans come from each node's clock; on a cluster they are as good as its clock sync.
 
-    ``cpu`` (seconds, per model stage) is the CPU time of the stage's worker processes, their
-    start-up and model loading included (:func:`stages.base.merge_cpu`), reported as
-    ``cpu_s`` and ``cpu_rtf``. Busy time also counts the time a call waited for a core, so on
-    a machine the stages share, CPU time is the figure that says what a stage costs.
+    ``cpu`` (seconds, per stage) is, for a model stage, the CPU time of its worker processes,
+    their start-up and model loading included, and for a task stage, which shares its
+    processes with other stages, the CPU time of its calls (:meth:`stages.base.Stage.cpu_reading`);
+    reported as ``cpu_s`` and ``cpu_rtf``. Busy time also counts the time a call waited for a
+    core, so on a machine the stages share, CPU time is the figure that says what a stage costs.
 
     >>> class S:  # a stand-in for a Stage: a name and a config with num_workers
     ...     def __init__(self, name, workers): self.name, self.config = name, type("C", (), {"num_workers": workers})
@@ -452,7 +453,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ))
         used = {k: v for k, v in profile["stages"].items() if v.get("cpu_s") is not None}
         if used:
-            lines.append("model stages' CPU (s, RTF; their worker processes, start-up included): " + ", ".join(
+            lines.append("CPU (s, RTF; a model stage's worker processes, start-up included; a task stage's calls): " + ", ".join(
                 f"{k} {v['cpu_s']:.1f}s/{v['cpu_rtf']}" for k, v in used.items()))
         lines.append(f"framework overhead: {profile['overhead_s']:.1f} s ({100 * (profile['overhead_share'] or 0):.0f}% "
                      f"of wall; wall minus the busiest stage, {profile['busiest']}, over its parallel calls"

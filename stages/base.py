@@ -51,6 +51,7 @@ import socket
 import sys
 import time
 import traceback
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,10 +198,10 @@ def merge_spans(*spans: dict[str, Any] | None) -> dict[str, list[float]]:
 def merge_cpu(*maps: dict[str, dict[str, float]] | None) -> dict[str, dict[str, float]]:
     """Per stage and worker process, the largest of several CPU-seconds readings.
 
-    A model stage's worker stamps each row it returns with its process's CPU time so far
-    (``{stage: {"host:pid": seconds}}``, start-up and model loading included); the largest
-    reading of a worker is its total for the run, and a stage's CPU is the sum over its
-    workers. Unlike busy time, it does not grow while a worker waits for a core.
+    A stage's worker stamps each row it returns with a reading that only grows
+    (``{stage: {"host:pid": seconds}}``, :meth:`Stage.cpu_reading`); the largest reading of a worker
+    is its total for the run, and a stage's CPU is the sum over its workers. Unlike busy
+    time, it does not grow while a worker waits for a core.
 
     >>> merge_cpu({"asr": {"h:1": 5.0}}, None, {"asr": {"h:1": 9.0, "h:2": 4.0}, "vad": {"h:3": 1.0}})
     {'asr': {'h:1': 9.0, 'h:2': 4.0}, 'vad': {'h:3': 1.0}}
@@ -212,6 +213,11 @@ def merge_cpu(*maps: dict[str, dict[str, float]] | None) -> dict[str, dict[str, 
             for worker, seconds in workers.items():
                 have[worker] = max(have.get(worker, 0.0), float(seconds))
     return out
+
+
+#: CPU seconds this process has spent inside task stages' calls, per stage instance of a run
+#: (:meth:`Stage.cpu_reading`).
+_CALL_CPU: dict[str, float] = {}
 
 
 def runtime_label(device: str, dtype: Any, attention: str) -> str:
@@ -339,6 +345,9 @@ class Stage(ABC):
         self.retry = RetryPolicy()
         self.concurrency = 1
         self._ready = False
+        # Made in the driver and pickled with the stage to every worker: one run's calls of
+        # this stage add up in a worker process, apart from any other run's (Ray reuses them).
+        self._cpu_counter = f"{self.name}:{uuid.uuid4().hex}"
 
     # -- lifecycle -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -498,7 +507,7 @@ class Stage(ABC):
         passthrough = [r for r, t in zip(rows, taken) if not t]
         if not todo:
             return rows
-        t0, started = time.perf_counter(), time.time()
+        t0, c0, started = time.perf_counter(), time.process_time(), time.time()
         try:
             out = self.process_batch(todo)
         except Exception:  # noqa: BLE001 - isolate the bad row(s) below
@@ -506,7 +515,7 @@ class Stage(ABC):
             for row in todo:
                 out.extend(self._process_one(row))
         elapsed = time.perf_counter() - t0
-        self._stamp(out, started, elapsed)
+        self._stamp(out, started, elapsed, time.process_time() - c0)
         # Keep input order: pass-through rows go first; their order relative to processed
         # rows carries no meaning (they belong to other recordings).
         return passthrough + out
@@ -545,18 +554,33 @@ class Stage(ABC):
         )
         return rec
 
-    def _stamp(self, rows: list[Row], started: float, elapsed: float) -> None:
+    def cpu_reading(self, call_cpu: float = 0.0) -> dict[str, dict[str, float]]:
+        """This worker process's CPU reading for the stage, in the form rows carry (:func:`merge_cpu`).
+
+        A model stage owns its worker process (an actor), so its reading is the process's CPU
+        time so far, start-up and model loading included. A task stage shares its process with
+        other stages' tasks, so its reading is the CPU time this process has spent inside this
+        run's calls of the stage, ``call_cpu`` (the call just made) included. Either reading
+        only grows, so the largest one the driver sees per process is that process's total.
+        """
+        if self.uses_model:
+            seconds = time.process_time()
+        else:
+            key = getattr(self, "_cpu_counter", self.name)
+            seconds = _CALL_CPU[key] = _CALL_CPU.get(key, 0.0) + call_cpu
+        return {self.name: {f"{socket.gethostname()}:{os.getpid()}": seconds}}
+
+    def _stamp(self, rows: list[Row], started: float, elapsed: float, call_cpu: float = 0.0) -> None:
         """Record provenance and apportion the batch's compute time over its output rows.
 
-        ``started`` is when the call began on this node's clock (epoch seconds). Each row
+        ``started`` is when the call began on this node's clock (epoch seconds); ``call_cpu``
+        is the CPU time the call took (:meth:`cpu_reading`). Each row
         keeps, per stage, the earliest start and latest end of the calls that touched it
         (``spans``): only the driver's run summary reads them (:func:`merge_spans`), to say
         when the first stage began and how long the run went on after its busiest stage.
         """
         ok = [r for r in rows if r.get("status", STATUS_OK) == STATUS_OK]
-        # Model stages own their worker processes (actors), so the process's CPU time is the
-        # stage's; model-free stages run as tasks in processes that other stages share.
-        cpu = {self.name: {f"{socket.gethostname()}:{os.getpid()}": time.process_time()}} if self.uses_model else None
+        cpu = self.cpu_reading(call_cpu)
         stamp = {"model": self.model_id(), "config_hash": self.config.config_hash()}
         runtime = self.runtime()
         if runtime:
@@ -571,6 +595,5 @@ class Stage(ABC):
                 prov[self.name] = stamp
                 r["provenance"] = prov
                 r["spans"] = merge_spans(r.get("spans"), {self.name: (started, started + elapsed)})
-                if cpu:
-                    r["cpu"] = merge_cpu(r.get("cpu"), cpu)
+                r["cpu"] = merge_cpu(r.get("cpu"), cpu)
             r["timings"] = timings

@@ -347,7 +347,7 @@ class WriteStage(Stage):
         layout = OutLayout(self.out)
         name = self.commit_name(rows)
         outcomes = layout.find_commit(name)  # a retry of a batch that committed before its task died
-        started = time.time()
+        started, c0 = time.time(), time.process_time()
         if outcomes is None:
             t0 = time.perf_counter()
             writer = ShardWriter(layout, self.config, keep_dropped=self.keep_dropped, duplicates=self.duplicates)
@@ -361,7 +361,8 @@ class WriteStage(Stage):
         # into OUT: clock times would make two runs' outputs differ).
         spans = {str(r.get("source")): recording_spans(r) for r in rows}
         written = {"write": (started, time.time())}
-        cpu = {str(r.get("source")): recording_cpu(r) for r in rows}
+        mine = self.cpu_reading(time.process_time() - c0)
+        cpu = {str(r.get("source")): merge_cpu(recording_cpu(r), mine) for r in rows}
         return [{"source": o.source, "recording_id": o.recording_id, "outcome": o,
                  "spans": merge_spans(spans.get(o.source), written), "cpu": cpu.get(o.source, {})} for o in outcomes]
 
@@ -377,7 +378,7 @@ def recording_spans(rec: Row) -> dict[str, list[float]]:
 
 
 def recording_cpu(rec: Row) -> dict[str, dict[str, float]]:
-    """The model workers' CPU readings a recording carries (:func:`stages.base.merge_cpu`),
+    """The stages' CPU readings a recording carries (:func:`stages.base.merge_cpu`),
     its segments' included: a stage that works per segment stamps the segments."""
     return merge_cpu(rec.get("cpu"), *(seg.get("cpu") for seg in rec.get("segments") or []))
 
