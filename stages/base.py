@@ -566,7 +566,7 @@ class Stage(ABC):
         if self.uses_model:
             seconds = time.process_time()
         else:
-            key = getattr(self, "_cpu_counter", self.name)
+            key = self._cpu_counter
             seconds = _CALL_CPU[key] = _CALL_CPU.get(key, 0.0) + call_cpu
         return {self.name: {f"{socket.gethostname()}:{os.getpid()}": seconds}}
 

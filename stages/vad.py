@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from kimia_model.audio import resample
-from kimia_model.refs import resolve_packaged
+from kimia_model.refs import require_path, resolve_packaged
 
 VAD_SAMPLE_RATE = 16000
 FRAME_SAMPLES = 512  # 32 ms at 16 kHz: one probability per frame
@@ -141,12 +141,11 @@ class SileroVAD:
     def __init__(self, config_key: str = "segment.vad") -> None:
         import onnxruntime as ort
 
-        path = resolve_packaged("silero-vad", config_key) / SEQUENCE_MODEL
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing from the silero-vad package (config key `{config_key}`); "
-                "reinstall it with: pip install --force-reinstall silero-vad==6.2.3"
-            )
+        path = require_path(
+            resolve_packaged("silero-vad", config_key) / SEQUENCE_MODEL,
+            config_key,
+            "Reinstall it: pip install --force-reinstall silero-vad==6.2.3",
+        )
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
