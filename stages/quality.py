@@ -46,6 +46,7 @@ import numpy as np
 from pydantic import Field
 
 from kimia_model.audio import resample
+from kimia_model.ort_session import onnx_session
 from kimia_model.refs import missing, resolve_packaged
 from stages.base import Row, Stage, StageConfig, StageError, runtime_label
 from stages.rows import finite_or_none
@@ -380,14 +381,10 @@ class _Dnsmos:
     def __init__(
         self, model_dir: Path, personalized: bool, threads: int, hop_s: float = 9.01, short: str = "tile"
     ) -> None:
-        import onnxruntime as ort
         from speechmos.dnsmos import DNSMOS
 
         primary = dnsmos_files(model_dir, personalized)[0]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(str(primary), opts, providers=["CPUExecutionProvider"])
+        self._session = onnx_session(primary, threads)
         self._native = None
         if short == "native":
             graph = _any_length_model(primary)
@@ -397,7 +394,7 @@ class _Dnsmos:
                     "short segments are tiled as in the reference", primary
                 )
             else:
-                self._native = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+                self._native = onnx_session(graph, threads)
         self._calibrate = functools.partial(DNSMOS.get_polyfit_val, None, is_personalized_MOS=personalized)
         self._hop = max(1, int(round(hop_s * DNSMOS_SAMPLE_RATE)))
 

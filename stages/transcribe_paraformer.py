@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from kimia_model.audio import resample
+from kimia_model.ort_session import onnx_session
 from kimia_model.refs import ModelNotFoundError, missing
 from stages.base import StageContext
 from stages.textnorm import compression_ratio
@@ -222,14 +223,11 @@ class ParaformerBackend:
         self.pred_bias = int((conf.get("model_conf") or {}).get("predictor_bias", 0))
         self.batch_size = batch_size
 
-        so = ort.SessionOptions()
-        if config is not None:
-            so.intra_op_num_threads = max(1, int(config.cpu_threads or config.num_cpus))
-        so.log_severity_level = 3
+        threads = None if config is None else int(config.cpu_threads or config.num_cpus)
         providers = ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(model_file), sess_options=so, providers=providers)
+        self.session = onnx_session(model_file, threads, providers=providers, quiet=True)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         if len(self.output_names) < 4:

