@@ -12,11 +12,11 @@ the other, each as its own process so start-up (imports, Ray, model loads) is co
 Printed per run: wall time, real-time factor (wall / audio seconds), corpus WER against the
 generated transcripts (``stages.textnorm.corpus_wer``, every segment's label whether the
 filter kept it or not; the full profile does not transcribe the segments its audio checks drop,
-``transcribe.kept_only``, so its reference leaves out the turns those segments hold), the ratio to the peer's wall time, and from the run's manifest each
-stage's busy time and RTF, its CPU time and CPU RTF (a model stage's worker processes,
-start-up included; a task stage's calls: busy time also counts waiting for a core, CPU time
-does not), and the
-framework overhead (``pipeline.run.stage_profile``).
+``transcribe.kept_only``, so its reference leaves out the turns those segments hold), the
+ratio to the peer's wall time, and from the run's manifest each stage's busy time and RTF, its
+CPU time and CPU RTF (a model stage's worker processes, start-up included; a task stage's
+calls: busy time also counts waiting for a core, CPU time does not), and the framework
+overhead (``pipeline.run.stage_profile``).
 
     .venv/bin/python benchmarks/bench_speed.py              # ~8 min of espeak-ng speech, cached
     .venv/bin/python benchmarks/bench_speed.py --quick      # ~2 min

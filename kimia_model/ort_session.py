@@ -2,9 +2,9 @@
 
 ONNX Runtime's default gives every session one intra-op thread per core. A pipeline worker
 shares its node with other stages' workers, so each ONNX model here (Silero VAD, DNSMOS, the
-d-vector embedder, Paraformer) runs with the threads its stage was given instead, and one
-inter-op thread: these graphs are single chains of operators with nothing to run side by
-side.
+d-vector embedder, Paraformer) runs with the threads its stage was given instead. Sessions run
+in ONNX Runtime's default sequential mode, one operator at a time (DNSMOS' two STFT branches
+too), so the inter-op pool is held at one thread: more would only sit idle.
 
     >>> from kimia_model.ort_session import onnx_session
     >>> session = onnx_session(model_path, threads=1)          # doctest: +SKIP
